@@ -1,0 +1,341 @@
+"""The training configuration: one flat dataclass, loaded from YAML and ``--field value`` overrides.
+
+Field names follow TRL's ``GRPOConfig`` where the concept is the same, so a TRL user's YAML mostly
+carries over. Each field's ``help`` is the only copy of its documentation (the README table is made
+from it: ``python -m grpo_scale.config --markdown``). Every cross-field rule is checked in
+``__post_init__``, with a message that says what to change.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from grpo_scale.tasks.prompts import DEFAULT_SYSTEM_PROMPT
+
+EMBEDDED_PREFIX = "embedded:"
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny-math.yaml"
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+LOSS_IMPLS = ("eager", "auto", "triton", "fused_linear")
+
+
+class ConfigError(ValueError):
+    """A configuration problem a person can fix; ``train.py`` prints it without a traceback."""
+
+
+def _f(default, help: str, **kw):
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class GRPOConfig:
+    # ------------------------------------------------------------------ model
+    model_name_or_path: str = _f("embedded:tiny-math", "Model to train: a Hub name or local directory loadable by "
+                                 "AutoModelForCausalLM, or 'embedded:tiny-math' (the CPU demo model in grpo_scale/assets).")
+    trust_remote_code: bool = _f(False, "Allow model code from the model repository to run. Off unless you trust it.")
+    attn_implementation: str = _f("auto", "auto | eager | sdpa | flash_attention_2. auto: flash_attention_2 when "
+                                  "flash-attn is installed and on CUDA, else sdpa.")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
+    bf16: bool = _f(False, "Train in bfloat16 mixed precision (GPUs). The accelerate YAML holds no precision.")
+    fp16: bool = _f(False, "Train in float16 mixed precision with loss scaling.")
+
+    # ------------------------------------------------------------------ data and tasks
+    task_mix: dict = _f({"arithmetic": 1.0}, "Synthetic tasks and their sampling weights, e.g. "
+                        "{arithmetic: 0.7, polynomial: 0.3} (CLI: arithmetic=0.7,polynomial=0.3).")
+    task_level: list = _f([1], "Difficulty level(s) 1-4 of the synthetic tasks, sampled uniformly (CLI: 1,2).")
+    dataset_path: Optional[str] = _f(None, "User data instead of synthetic tasks: .jsonl, .json, .parquet or a "
+                                     "datasets directory with a 'prompt' column; other columns go to the rewards.")
+    eval_dataset_path: Optional[str] = _f(None, "Held-out user data for evaluation (same format as dataset_path).")
+    system_prompt: Optional[str] = _f(DEFAULT_SYSTEM_PROMPT, "System message put before every question "
+                                      "(null: none).")
+    eval_size: int = _f(256, "Held-out problems evaluated before and after training (greedy decoding).")
+    eval_seed: int = _f(0, "Seed of the held-out synthetic set; fixed across training seeds.")
+    eval_batch_size: int = _f(64, "Prompts per generate call during evaluation, per process.")
+    max_prompt_length: Optional[int] = _f(512, "Prompts longer than this many tokens are left-truncated "
+                                          "(with a warning).")
+
+    # ------------------------------------------------------------------ generation
+    num_generations: int = _f(8, "Completions sampled per prompt (the group size G).")
+    max_completion_length: int = _f(256, "Maximum tokens generated per completion.")
+    temperature: float = _f(1.0, "Sampling temperature; the loss scores tokens at the same temperature.")
+    top_p: float = _f(1.0, "Nucleus sampling threshold.")
+    top_k: int = _f(0, "Top-k sampling (0: off).")
+    mask_truncated_completions: bool = _f(False, "Exclude completions that hit max_completion_length without "
+                                          "an end-of-sequence token from the loss.")
+
+    # ------------------------------------------------------------------ rewards and advantages
+    reward_funcs: list = _f(["correctness", "format"], "Reward functions: built-ins (correctness, format) or "
+                            "'module:function' from your code, with the signature fn(prompts, completions, **columns).")
+    reward_weights: Optional[list] = _f(None, "One weight per reward function (default: all 1.0).")
+    scale_rewards: str = _f("group", "Advantage scaling: group (divide by the group's std), batch (by the whole "
+                            "batch's std) or none.")
+
+    # ------------------------------------------------------------------ loss
+    loss_type: str = _f("dapo", "grpo (per-sequence mean) | bnpo (per-batch token mean) | dr_grpo (divide by "
+                        "batch * max_completion_length) | dapo (tokens of the whole generation batch).")
+    importance_sampling_level: str = _f("token", "token (GRPO) or sequence (GSPO) importance ratios.")
+    beta: float = _f(0.0, "KL penalty coefficient (k3 estimator). 0 loads no reference model.")
+    epsilon_low: float = _f(0.2, "Lower clipping range: ratios below 1 - epsilon_low are clipped.")
+    epsilon_high: float = _f(0.2, "Upper clipping range: ratios above 1 + epsilon_high are clipped.")
+    delta: Optional[float] = _f(None, "Two-sided clipping: cap the unclipped ratio at delta (> 1 + epsilon_high).")
+    num_iterations: int = _f(1, "Optimisation steps per rollout (mu); > 1 reuses it with old log-probs.")
+    loss_impl: str = _f("eager", "eager (PyTorch reference) | auto | triton | fused_linear.")
+
+    # ------------------------------------------------------------------ optimisation
+    learning_rate: float = _f(1e-6, "Peak learning rate of AdamW.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    adam_beta1: float = _f(0.9, "AdamW beta1.")
+    adam_beta2: float = _f(0.99, "AdamW beta2.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0: off).")
+    lr_scheduler_type: str = _f("constant", "constant | linear | cosine (after warm-up).")
+    warmup_ratio: float = _f(0.0, "Fraction of max_steps spent warming the learning rate up from 0.")
+    max_steps: int = _f(100, "Optimiser steps to train.")
+    per_device_train_batch_size: int = _f(8, "Completions per process per micro-step.")
+    gradient_accumulation_steps: int = _f(1, "Micro-steps per optimiser step. One rollout feeds one step.")
+    seed: int = _f(42, "Seed of sampling, data order and initialisation.")
+
+    # ------------------------------------------------------------------ outputs
+    output_dir: str = _f("outputs/tiny-math", "Where logs, checkpoints, summary.json and final/ go.")
+    logging_steps: int = _f(1, "Log metrics every this many steps.")
+    eval_steps: int = _f(0, "Evaluate every this many steps (0: only before and after training).")
+    save_steps: int = _f(0, "Save a checkpoint every this many steps (0: none).")
+    save_total_limit: Optional[int] = _f(None, "Keep only the newest this many checkpoints.")
+    resume_from_checkpoint: Optional[str] = _f(None, "'latest' or a checkpoint directory to continue from.")
+    report_to: str = _f("tensorboard", "tensorboard | none.")
+    log_completions: int = _f(2, "Sample completions printed to the log at each logging step.")
+
+    def __post_init__(self):
+        _check_types(self)
+        self.task_level = [int(x) for x in self.task_level]
+        errors = []
+
+        def need(cond, msg):
+            if not cond:
+                errors.append(msg)
+
+        need(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
+        need(0 < self.epsilon_low < 1, f"epsilon_low must be in (0, 1), got {self.epsilon_low}")
+        need(self.epsilon_high > 0, f"epsilon_high must be > 0, got {self.epsilon_high}")
+        need(self.delta is None or self.delta > 1 + self.epsilon_high,
+             f"delta must be > 1 + epsilon_high = {1 + self.epsilon_high}, got {self.delta} (or set delta: null)")
+        need(self.beta >= 0, f"beta must be >= 0, got {self.beta}")
+        need(self.num_generations >= 2, f"num_generations must be >= 2 (a group needs two completions to compare), "
+             f"got {self.num_generations}")
+        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_steps", "num_iterations",
+                     "max_completion_length", "eval_batch_size", "logging_steps"):
+            need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_size", "eval_steps", "save_steps", "top_k"):
+            need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        need(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
+        need(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
+        need(0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        need(self.max_grad_norm >= 0, f"max_grad_norm must be >= 0, got {self.max_grad_norm}")
+        need(self.loss_type in LOSS_TYPES, f"loss_type must be one of {list(LOSS_TYPES)}, got {self.loss_type!r}")
+        need(self.importance_sampling_level in ("token", "sequence"),
+             f"importance_sampling_level must be 'token' or 'sequence', got {self.importance_sampling_level!r}")
+        need(self.scale_rewards in ("group", "batch", "none"),
+             f"scale_rewards must be group, batch or none, got {self.scale_rewards!r}")
+        need(self.loss_impl in LOSS_IMPLS, f"loss_impl must be one of {list(LOSS_IMPLS)}, got {self.loss_impl!r}")
+        need(self.lr_scheduler_type in ("constant", "linear", "cosine"),
+             f"lr_scheduler_type must be constant, linear or cosine, got {self.lr_scheduler_type!r}")
+        need(self.attn_implementation in ("auto", "eager", "sdpa", "flash_attention_2"),
+             f"attn_implementation must be auto, eager, sdpa or flash_attention_2, got {self.attn_implementation!r}")
+        need(self.report_to in ("tensorboard", "none"), f"report_to must be tensorboard or none, got {self.report_to!r}")
+        need(not (self.bf16 and self.fp16), "bf16 and fp16 are both true: pick one")
+        need(self.save_total_limit is None or self.save_total_limit >= 1,
+             f"save_total_limit must be >= 1 or null, got {self.save_total_limit}")
+        need(all(lv in (1, 2, 3, 4) for lv in self.task_level) and self.task_level,
+             f"task_level must be levels among 1, 2, 3, 4, got {self.task_level}")
+        need(all(w >= 0 for w in self.task_mix.values()) and sum(self.task_mix.values()) > 0,
+             f"task_mix weights must be >= 0 with a positive sum, got {self.task_mix}")
+        unknown = set(self.task_mix) - {"arithmetic", "polynomial"}
+        need(not unknown, f"task_mix has unknown task(s) {sorted(unknown)}; known: arithmetic, polynomial")
+        need(len(self.reward_funcs) >= 1, "reward_funcs is empty: name at least one reward function")
+        need(self.reward_weights is None or len(self.reward_weights) == len(self.reward_funcs),
+             f"reward_weights has {len(self.reward_weights or [])} entries but reward_funcs has "
+             f"{len(self.reward_funcs)}: give one weight per function")
+        if errors:
+            raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
+
+    def check_world(self, num_processes: int) -> None:
+        """Rules that need the number of processes (checked once the launcher has set it)."""
+        global_batch = self.per_device_train_batch_size * num_processes * self.gradient_accumulation_steps
+        if global_batch % self.num_generations:
+            raise ConfigError(
+                f"the global batch per_device_train_batch_size ({self.per_device_train_batch_size}) x processes "
+                f"({num_processes}) x gradient_accumulation_steps ({self.gradient_accumulation_steps}) = "
+                f"{global_batch} is not divisible by num_generations ({self.num_generations}): change one of them")
+
+    @property
+    def resolved_model_path(self) -> str:
+        if self.model_name_or_path.startswith(EMBEDDED_PREFIX):
+            name = self.model_name_or_path[len(EMBEDDED_PREFIX):]
+            return str(Path(__file__).resolve().parent / "assets" / name)
+        return self.model_name_or_path
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------- parsing
+def _hints() -> dict[str, Any]:
+    return typing.get_type_hints(GRPOConfig)
+
+
+def _base_type(tp):
+    """(base type, optional?) of an annotation such as Optional[int]."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return rest[0], True
+    return tp, False
+
+
+def _convert(name: str, value: Any, tp) -> Any:
+    """Convert a YAML or command-line value to the field's type, or raise ConfigError."""
+    base, optional = _base_type(tp)
+    if value is None or (isinstance(value, str) and value.lower() in ("null", "none") and optional):
+        if optional:
+            return None
+        raise ConfigError(f"{name} cannot be null")
+    try:
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+                return value.lower() in ("true", "1", "yes")
+            raise ValueError
+        if base is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if base is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if base is str:
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError
+            return str(value)
+        if base in (list, typing.List):
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            elif isinstance(value, (int, float)):
+                value = [value]
+            if not isinstance(value, list):
+                raise ValueError
+            if name == "reward_weights":
+                return [float(v) for v in value]
+            if name == "task_level":
+                return [int(v) for v in value]
+            return [str(v) for v in value]
+        if base in (dict, typing.Dict):
+            if isinstance(value, str):
+                items = [kv.split("=", 1) for kv in value.split(",") if kv.strip()]
+                if any(len(kv) != 2 for kv in items):
+                    raise ValueError
+                value = {k.strip(): v for k, v in items}
+            if not isinstance(value, dict):
+                raise ValueError
+            return {str(k): float(v) for k, v in value.items()}
+    except (TypeError, ValueError):
+        pass
+    else:
+        return value
+    kind = getattr(base, "__name__", str(base))
+    raise ConfigError(f"{name} expects {kind}{' or null' if optional else ''}, got {value!r}")
+
+
+def _check_types(cfg: GRPOConfig) -> None:
+    for name, tp in _hints().items():
+        setattr(cfg, name, _convert(name, getattr(cfg, name), tp))
+
+
+def _unknown(name: str, where: str) -> ConfigError:
+    close = difflib.get_close_matches(name, list(_hints()), n=1, cutoff=0.6)
+    hint = f"; did you mean '{close[0]}'?" if close else "; see `python -m grpo_scale.config` for the fields"
+    return ConfigError(f"{where}: unknown field '{name}'{hint}")
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path} line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"{where}: invalid YAML ({problem})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of field: value, got {type(data).__name__}")
+    return data
+
+
+def parse_cli(argv: list[str]) -> tuple[Optional[str], dict[str, str]]:
+    """Split ``[--config FILE] [--field value | --field=value | --flag]`` into (config path, overrides)."""
+    config_path, overrides, i = None, {}, 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}: options look like --field value")
+        key, eq, value = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if not eq:
+            if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                value, i = argv[i + 1], i + 1
+            else:
+                value = "true"  # a bare --flag
+        if key == "config":
+            config_path = value
+        else:
+            overrides[key] = value
+        i += 1
+    return config_path, overrides
+
+
+def load_config(argv: Optional[list[str]] = None) -> GRPOConfig:
+    """The config of ``train.py [--config FILE] [--field value ...]`` (no --config: configs/tiny-math.yaml)."""
+    argv = sys.argv[1:] if argv is None else argv
+    config_path, overrides = parse_cli(argv)
+    path = config_path or DEFAULT_CONFIG
+    values = load_yaml(path)
+    hints = _hints()
+    for key in values:
+        if key not in hints:
+            raise _unknown(key, str(path))
+    for key in overrides:
+        if key not in hints:
+            raise _unknown(key, "command line")
+    merged = {**values, **overrides}
+    converted = {k: _convert(k, v, hints[k]) for k, v in merged.items()}
+    return GRPOConfig(**converted)
+
+
+def markdown_table() -> str:
+    rows = ["| field | default | meaning |", "|---|---|---|"]
+    for f in dataclasses.fields(GRPOConfig):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        rows.append(f"| `{f.name}` | `{default!r}` | {f.metadata['help']} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    if "--markdown" in sys.argv:
+        print(markdown_table())
+    else:
+        for f in dataclasses.fields(GRPOConfig):
+            print(f"--{f.name}: {f.metadata['help']}")

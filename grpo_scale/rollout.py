@@ -1,0 +1,160 @@
+"""Rollout: prompts -> sampled completions, masks, and group-relative advantages.
+
+Nothing here knows about Accelerate or DeepSpeed: the trainer hands in a plain ``nn.Module`` (with its
+weights gathered under ZeRO-3) and a ``gather`` function for cross-rank statistics.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from transformers import GenerationConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Rollout:
+    """One process's share of a generation batch. N completions, prompt length P, completion length T."""
+    prompt_ids: torch.Tensor        # [N, P] left-padded
+    prompt_mask: torch.Tensor       # [N, P] 1 = real token
+    completion_ids: torch.Tensor    # [N, T] right-padded with pad_token_id after the first EOS
+    completion_mask: torch.Tensor   # [N, T] 1 up to and including the first EOS (0 for masked-out rows)
+    is_truncated: torch.Tensor      # [N] bool: no EOS within max_completion_length
+    prompts: list[str]
+    completions: list[str]          # decoded without special tokens
+
+    def __len__(self) -> int:
+        return self.completion_ids.shape[0]
+
+    def select(self, idx: slice) -> "Rollout":
+        return Rollout(self.prompt_ids[idx], self.prompt_mask[idx], self.completion_ids[idx],
+                       self.completion_mask[idx], self.is_truncated[idx], self.prompts[idx], self.completions[idx])
+
+
+def tokenize_prompts(tokenizer, prompts: list[str], max_prompt_length: Optional[int], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded [N, P] ids and mask; prompts over max_prompt_length keep their last tokens."""
+    tokenizer.padding_side = "left"
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    if max_prompt_length is not None and ids.shape[1] > max_prompt_length:
+        n_long = int((mask.sum(1) > max_prompt_length).sum())
+        logger.warning("%d prompt(s) longer than max_prompt_length=%d tokens were left-truncated",
+                       n_long, max_prompt_length)
+        ids, mask = ids[:, -max_prompt_length:], mask[:, -max_prompt_length:]
+    return ids.to(device), mask.to(device)
+
+
+def completion_mask_from_ids(completion_ids: torch.Tensor, eos_token_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask [N, T] long: 1 up to and including the first EOS, is_truncated [N] bool: no EOS at all)."""
+    is_eos = torch.isin(completion_ids, torch.tensor(eos_token_ids, device=completion_ids.device))
+    T = completion_ids.shape[1]
+    has_eos = is_eos.any(dim=1)
+    first_eos = torch.where(has_eos, is_eos.int().argmax(dim=1), torch.full_like(has_eos, T, dtype=torch.long))
+    positions = torch.arange(T, device=completion_ids.device).expand_as(completion_ids)
+    return (positions <= first_eos.unsqueeze(1)).long(), ~has_eos
+
+
+def eos_ids(tokenizer, model) -> list[int]:
+    ids = model.generation_config.eos_token_id if model.generation_config is not None else None
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    if not ids:
+        raise ValueError("the tokenizer and model define no eos token: completions could never end")
+    return ids
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], *, max_prompt_length: Optional[int], max_new_tokens: int,
+             do_sample: bool, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+             mask_truncated: bool = False, batch_size: Optional[int] = None) -> Rollout:
+    """Sample (or greedily decode) one completion per prompt string.
+
+    Completions stop at the first EOS; tokens after it are padding and masked out. With
+    ``mask_truncated`` the whole mask of a completion that never produced EOS is zeroed.
+    """
+    device = next(model.parameters()).device
+    eos = eos_ids(tokenizer, model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    gen_cfg = GenerationConfig(
+        do_sample=do_sample, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad,
+        temperature=temperature if do_sample else None, top_p=top_p if do_sample else None,
+        top_k=(top_k or None) if do_sample else None, repetition_penalty=1.0, use_cache=True,
+    )
+    was_training = model.training
+    model.eval()
+    batch_size = batch_size or len(prompts)
+    parts = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        ids, mask = tokenize_prompts(tokenizer, chunk, max_prompt_length, device)
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg)
+        parts.append((ids, mask, out[:, ids.shape[1]:]))
+    model.train(was_training)
+    prompt_ids = _pad_cat([p[0] for p in parts], pad, left=True)
+    prompt_mask = _pad_cat([p[1] for p in parts], 0, left=True)
+    completion_ids = _pad_cat([p[2] for p in parts], pad, left=False)
+    if completion_ids.shape[1] == 0:  # every prompt ended immediately (cannot happen with max_new_tokens >= 1)
+        completion_ids = torch.full((len(prompts), 1), pad, device=device)
+    completion_mask, is_truncated = completion_mask_from_ids(completion_ids, eos)
+    completion_ids = completion_ids.masked_fill(completion_mask == 0, pad)
+    if mask_truncated:
+        completion_mask = completion_mask * (~is_truncated).unsqueeze(1).long()
+    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=False)
+    completions = [_strip_special(t, tokenizer) for t in texts]
+    return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, is_truncated, list(prompts), completions)
+
+
+def _strip_special(text: str, tokenizer) -> str:
+    """Drop pad/eos/bos text but keep added tags such as <think> that tokenizers mark special."""
+    for tok in {tokenizer.pad_token, tokenizer.eos_token, tokenizer.bos_token} - {None}:
+        text = text.replace(tok, "")
+    return text
+
+
+def _pad_cat(tensors: list[torch.Tensor], value: int, left: bool) -> torch.Tensor:
+    width = max(t.shape[1] for t in tensors)
+    padded = []
+    for t in tensors:
+        fill = t.new_full((t.shape[0], width - t.shape[1]), value)
+        padded.append(torch.cat([fill, t] if left else [t, fill], dim=1))
+    return torch.cat(padded, dim=0)
+
+
+def group_advantages(rewards: torch.Tensor, num_generations: int, scale: str = "group",
+                     eps: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group-relative advantages for a whole generation batch (all ranks), rows grouped consecutively.
+
+    rewards: [N] total reward per completion, NaN where no reward function scored it.
+    Returns (advantages [N], group_std [N/G]). A_i = (r_i - mean_group) / (std + eps) with the unbiased std
+    (scale='group'), the batch's std ('batch'), or no scaling ('none'). Missing rewards are left out of
+    their group's statistics and get advantage 0.
+    """
+    if rewards.numel() % num_generations:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {num_generations}")
+    r = rewards.view(-1, num_generations).double()
+    valid = ~torch.isnan(r)
+    n = valid.sum(1, keepdim=True).clamp(min=1)
+    mean = torch.where(valid, r, 0.0).sum(1, keepdim=True) / n
+    dev = torch.where(valid, r - mean, 0.0)
+    std = (dev.pow(2).sum(1, keepdim=True) / (n - 1).clamp(min=1)).sqrt()
+    adv = dev
+    if scale == "group":
+        adv = adv / (std + eps)
+    elif scale == "batch":
+        flat = r[valid]
+        batch_std = flat.std() if flat.numel() > 1 else flat.new_tensor(0.0)
+        adv = adv / (batch_std + eps)
+    elif scale != "none":
+        raise ValueError(f"scale_rewards must be group, batch or none, got {scale!r}")
+    adv = torch.where(valid, adv, 0.0)
+    return adv.view(-1).float(), std.view(-1).float()
+
+
+def score(reward_fns: list[Callable], weights: list[float], rollout: Rollout, columns: dict[str, list]):
+    """Rewards of one process's completions: (per_function [N, F] with NaN for missing, total [N])."""
+    from grpo_scale.rewards import compute_rewards
+    return compute_rewards(reward_fns, weights, rollout.prompts, rollout.completions, columns)
