@@ -21,7 +21,8 @@ class Rollout:
     prompt_ids: torch.Tensor        # [N, P] left-padded
     prompt_mask: torch.Tensor       # [N, P] 1 = real token
     completion_ids: torch.Tensor    # [N, T] right-padded with pad_token_id after the first EOS
-    completion_mask: torch.Tensor   # [N, T] 1 up to and including the first EOS (0 for masked-out rows)
+    completion_mask: torch.Tensor   # [N, T] loss mask: 1 up to and including the first EOS (0 for masked-out rows)
+    attention_mask: torch.Tensor    # [N, T] 1 up to and including the first EOS, whatever the loss mask says
     is_truncated: torch.Tensor      # [N] bool: no EOS within max_completion_length
     prompts: list[str]
     completions: list[str]          # decoded without special tokens
@@ -31,7 +32,8 @@ class Rollout:
 
     def select(self, idx: slice) -> "Rollout":
         return Rollout(self.prompt_ids[idx], self.prompt_mask[idx], self.completion_ids[idx],
-                       self.completion_mask[idx], self.is_truncated[idx], self.prompts[idx], self.completions[idx])
+                       self.completion_mask[idx], self.attention_mask[idx], self.is_truncated[idx],
+                       self.prompts[idx], self.completions[idx])
 
 
 def tokenize_prompts(tokenizer, prompts: list[str], max_prompt_length: Optional[int], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,11 +103,13 @@ def generate(model, tokenizer, prompts: list[str], *, max_prompt_length: Optiona
         completion_ids = torch.full((len(prompts), 1), pad, device=device)
     completion_mask, is_truncated = completion_mask_from_ids(completion_ids, eos)
     completion_ids = completion_ids.masked_fill(completion_mask == 0, pad)
+    attention_mask = completion_mask.clone()
     if mask_truncated:
         completion_mask = completion_mask * (~is_truncated).unsqueeze(1).long()
     texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=False)
     completions = [_strip_special(t, tokenizer) for t in texts]
-    return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, is_truncated, list(prompts), completions)
+    return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, attention_mask, is_truncated,
+                   list(prompts), completions)
 
 
 def _strip_special(text: str, tokenizer) -> str:

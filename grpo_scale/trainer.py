@@ -1,0 +1,443 @@
+"""The GRPO recipe: setup -> (generate and score -> grpo step) x max_steps -> save.
+
+This is the only module that knows about Accelerate and DeepSpeed. One optimiser step consumes one
+generation batch of ``per_device_train_batch_size x processes x gradient_accumulation_steps``
+completions (``num_generations`` per prompt; a group may span processes), reused ``num_iterations``
+times. Batch sizes and loss normalisers have TRL's meaning.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Optional
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs, set_seed
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from grpo_scale import checkpoint as ckpt
+from grpo_scale.config import ConfigError, GRPOConfig
+from grpo_scale.rewards import correctness_reward, get_reward_funcs
+from grpo_scale.rollout import Rollout, generate, group_advantages, score
+from grpo_scale.tasks import ProblemStream, make_eval_set, render_prompt
+
+logger = logging.getLogger("grpo_scale")
+
+
+def pick_loss_fn(loss_impl: str, device: torch.device):
+    """The GRPO loss function for ``loss_impl``, chosen once (auto: Triton on CUDA, eager elsewhere)."""
+    from grpo_scale.kernels.reference import grpo_loss_reference
+    if loss_impl == "auto":
+        loss_impl = "triton" if device.type == "cuda" else "eager"
+    if loss_impl == "eager":
+        return grpo_loss_reference
+    if loss_impl == "triton":
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ConfigError("loss_impl: triton needs a CUDA device (or TRITON_INTERPRET=1 for tests); "
+                              "use loss_impl: auto or eager on CPU")
+        from grpo_scale.kernels.grpo_loss import grpo_loss
+        return grpo_loss
+    raise ConfigError(f"loss_impl {loss_impl!r} is not available in this build; use eager, auto or triton")
+
+
+def lr_lambda(cfg: GRPOConfig):
+    warmup = int(round(cfg.warmup_ratio * cfg.max_steps))
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, cfg.max_steps - warmup)
+        if cfg.lr_scheduler_type == "linear":
+            return max(0.0, 1.0 - progress)
+        if cfg.lr_scheduler_type == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        return 1.0
+    return f
+
+
+class GRPOTrainer:
+    def __init__(self, cfg: GRPOConfig):
+        self.cfg = cfg
+        self.step = 0                        # optimiser steps done
+        self.history: list[dict] = []        # logged metrics, one dict per logging step
+        self.timings: dict[str, float] = defaultdict(float)
+
+    # ================================================================== setup
+    def setup(self) -> None:
+        self._setup_accelerator()
+        self._setup_model()
+        self._setup_optimizer()
+        self._setup_data()
+        self.reward_funcs = get_reward_funcs(self.cfg.reward_funcs)
+        self.reward_names = [getattr(f, "__name__", str(i)) for i, f in enumerate(self.reward_funcs)]
+        self.reward_weights = self.cfg.reward_weights or [1.0] * len(self.reward_funcs)
+        self.loss_fn = pick_loss_fn(self.cfg.loss_impl, self.acc.device)
+        self.resumed_from = ckpt.resolve_resume(self.cfg.output_dir, self.cfg.resume_from_checkpoint)
+        if self.resumed_from is not None:
+            self._load_checkpoint(self.resumed_from)
+        if self.cfg.report_to == "tensorboard":
+            # purge_step drops events a killed run logged after its last checkpoint, so curves continue cleanly
+            self.acc.init_trackers("tensorboard", config=_flat_hparams(self.cfg.to_dict()),
+                                   init_kwargs={"tensorboard": {"purge_step": self.step + 1}})
+
+    def _setup_accelerator(self) -> None:
+        cfg = self.cfg
+        # Without CUDA, Accelerate does not build its process state under DeepSpeed unless told the backend:
+        # every rank would then believe it is rank 0 of 1 and no data would be sharded.
+        handlers = [] if torch.cuda.is_available() else [InitProcessGroupKwargs(backend="gloo")]
+        self.acc = Accelerator(
+            mixed_precision="bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "no",
+            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+            log_with="tensorboard" if cfg.report_to == "tensorboard" else None,
+            project_dir=cfg.output_dir, kwargs_handlers=handlers)
+        self.acc.gradient_accumulation_steps = cfg.gradient_accumulation_steps  # the training config decides
+        cfg.check_world(self.acc.num_processes)
+        ds = self.acc.state.deepspeed_plugin
+        self.zero_stage = 0
+        if ds is not None:
+            # No DataLoader goes through prepare(): DeepSpeed's batch fields come from the training config.
+            conf = ds.deepspeed_config
+            conf["train_micro_batch_size_per_gpu"] = cfg.per_device_train_batch_size
+            conf["gradient_accumulation_steps"] = cfg.gradient_accumulation_steps
+            conf["train_batch_size"] = (cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+                                        * self.acc.num_processes)
+            conf["gradient_clipping"] = cfg.max_grad_norm
+            self.zero_stage = int(conf.get("zero_optimization", {}).get("stage", 0))
+        set_seed(cfg.seed)
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                            level=logging.INFO if self.acc.is_main_process else logging.WARNING)
+
+    def _load_model(self, path: str):
+        cfg = self.cfg
+        attn = cfg.attn_implementation
+        if attn == "auto":
+            attn = "sdpa"
+            if torch.cuda.is_available():
+                try:
+                    import flash_attn  # noqa: F401
+                    attn = "flash_attention_2"
+                except ImportError:
+                    pass
+        return AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32, attn_implementation=attn, trust_remote_code=cfg.trust_remote_code,
+            use_safetensors=True)
+
+    def _setup_model(self) -> None:
+        cfg = self.cfg
+        path = cfg.resolved_model_path
+        if cfg.model_name_or_path.startswith("embedded:") and not Path(path).is_dir():
+            raise ConfigError(f"the embedded model {cfg.model_name_or_path} is missing at {path}; build it with "
+                              f"`python -m grpo_scale.tiny --output_dir {path}`")
+        if (path.startswith((".", "/")) or os.sep in path and path.count("/") != 1) and not Path(path).is_dir():
+            raise ConfigError(f"model_name_or_path: {path} is not a directory")
+        self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        model = self._load_model(path)
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False  # training forwards; generation turns the cache on explicitly
+        self.model = model
+        self.ref_model = None
+        if cfg.beta > 0:  # a frozen copy of the starting policy
+            self.ref_model = self._load_model(path).to(self.acc.device).eval().requires_grad_(False)
+            if cfg.bf16:
+                self.ref_model.to(torch.bfloat16)
+
+    def _setup_optimizer(self) -> None:
+        cfg = self.cfg
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                           weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
+        self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
+        # Stepped by hand once per optimiser step (Accelerate's wrapper would step it once per process).
+        self.acc.register_for_checkpointing(self.scheduler)
+
+    def _setup_data(self) -> None:
+        cfg = self.cfg
+        if cfg.dataset_path:
+            from grpo_scale.tasks.data import load_rows
+            from grpo_scale.tasks.stream import RowStream
+            rows = load_rows(cfg.dataset_path)
+            if cfg.eval_dataset_path:
+                self.eval_rows = load_rows(cfg.eval_dataset_path)[:cfg.eval_size]
+                train_rows = rows
+            else:  # hold out the last eval_size rows of a seeded shuffle
+                order = list(range(len(rows)))
+                import random
+                random.Random(cfg.eval_seed).shuffle(order)
+                n_eval = min(cfg.eval_size, len(rows) // 2)
+                self.eval_rows = [rows[i] for i in order[len(rows) - n_eval:]]
+                train_rows = [rows[i] for i in order[:len(rows) - n_eval]]
+            self.stream = RowStream(train_rows, cfg.seed)
+        else:
+            self.eval_rows = make_eval_set(cfg.task_mix, cfg.task_level, cfg.eval_size, cfg.eval_seed)
+            self.stream = ProblemStream(cfg.task_mix, cfg.task_level, cfg.seed,
+                                        exclude={r["prompt"] for r in self.eval_rows})
+
+    # ================================================================== helpers
+    @contextlib.contextmanager
+    def unwrapped_for_generation(self):
+        """The plain policy module, with ZeRO-3's sharded weights gathered once for the whole block."""
+        model = self.acc.unwrap_model(self.model)
+        if self.zero_stage == 3:
+            import deepspeed
+            with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+                yield model
+        else:
+            yield model
+
+    def _render(self, rows: list[dict]) -> list[str]:
+        return [render_prompt(self.tokenizer, r["prompt"], self.cfg.system_prompt) for r in rows]
+
+    def _logits(self, model, rb: Rollout) -> torch.Tensor:
+        """Policy logits [N, T, V] for the completion positions only (no full-sequence logits)."""
+        input_ids = torch.cat([rb.prompt_ids, rb.completion_ids], dim=1)
+        attn = torch.cat([rb.prompt_mask, rb.attention_mask], dim=1)
+        position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
+        T = rb.completion_ids.shape[1]
+        out = model(input_ids=input_ids, attention_mask=attn, position_ids=position_ids, logits_to_keep=T + 1)
+        return out.logits[:, :-1]
+
+    @torch.no_grad()
+    def _logps(self, model, rollout: Rollout) -> torch.Tensor:
+        from grpo_scale.kernels.reference import selective_logps_reference
+        mb = self.cfg.per_device_train_batch_size
+        parts = []
+        for s in range(0, len(rollout), mb):
+            rb = rollout.select(slice(s, s + mb))
+            parts.append(selective_logps_reference(self._logits(model, rb), rb.completion_ids, self.cfg.temperature))
+        return torch.cat(parts)
+
+    # ================================================================== one step
+    def generate_and_score(self) -> dict:
+        """Sample this process's share of a generation batch, score it, and compute advantages."""
+        cfg, acc = self.cfg, self.acc
+        G, W, rank = cfg.num_generations, acc.num_processes, acc.process_index
+        local = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+        rows = self.stream.take(local * W // G)          # the same prompts on every rank
+        slots = [row for row in rows for _ in range(G)]   # global completion slots, groups consecutive
+        mine = slots[rank * local:(rank + 1) * local]
+        t0 = time.perf_counter()
+        with self.unwrapped_for_generation() as model:
+            rollout = generate(model, self.tokenizer, self._render(mine), max_prompt_length=cfg.max_prompt_length,
+                               max_new_tokens=cfg.max_completion_length, do_sample=True,
+                               temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                               mask_truncated=cfg.mask_truncated_completions)
+        t1 = time.perf_counter()
+        columns = {k: [r.get(k) for r in mine] for k in mine[0] if k != "prompt"}
+        per_func, total = score(self.reward_funcs, self.reward_weights, rollout, columns)
+        all_total = acc.gather(total.to(acc.device))
+        all_per_func = acc.gather(per_func.to(acc.device))
+        adv, group_std = group_advantages(all_total.cpu(), G, cfg.scale_rewards)
+        advantages = adv[rank * local:(rank + 1) * local].to(acc.device)
+        t2 = time.perf_counter()
+        batch = {"rollout": rollout, "advantages": advantages, "old_logps": None, "ref_logps": None}
+        if cfg.num_iterations > 1:
+            batch["old_logps"] = self._logps(self.model, rollout)
+        if self.ref_model is not None:
+            batch["ref_logps"] = self._logps(self.ref_model, rollout)
+        t3 = time.perf_counter()
+        # dapo: tokens of the whole generation batch on all ranks, per process and micro-step, because
+        # the backward divides by gradient_accumulation_steps and DeepSpeed averages over processes.
+        active = acc.reduce(rollout.completion_mask.sum().float().to(acc.device), "sum")
+        batch["num_items_in_batch"] = active / (W * cfg.gradient_accumulation_steps)
+        valid = ~torch.isnan(all_total)
+        lengths = acc.gather(rollout.attention_mask.sum(1).float().to(acc.device))
+        n_tokens = acc.reduce(torch.tensor(float(rollout.prompt_mask.sum() + rollout.attention_mask.sum()),
+                                           device=acc.device), "sum")
+        m = {f"reward/{name}": _nanmean(all_per_func[:, i]) for i, name in enumerate(self.reward_names)}
+        m.update({
+            "reward/mean": float(all_total[valid].mean()) if valid.any() else float("nan"),
+            "reward/std": float(all_total[valid].std()) if valid.sum() > 1 else 0.0,
+            "reward/group_std": float(group_std.mean()),
+            "reward/frac_zero_std": float((group_std < 1e-6).float().mean()),
+            "completion/mean_length": float(lengths.mean()),
+            "completion/truncated_rate": float(acc.gather(rollout.is_truncated.float().to(acc.device)).mean()),
+            "advantage/std": float(adv.std()),
+            "time/generate_s": t1 - t0, "time/reward_s": t2 - t1, "time/logps_s": t3 - t2,
+            "tokens": float(n_tokens),
+        })
+        batch["metrics"] = m
+        return batch
+
+    def grpo_step(self, batch: dict) -> dict:
+        """num_iterations optimiser steps on one rollout, each over gradient_accumulation_steps micro-batches."""
+        cfg, acc = self.cfg, self.acc
+        rollout, mb = batch["rollout"], cfg.per_device_train_batch_size
+        sums: dict[str, float] = defaultdict(float)
+        n = 0
+        t0 = time.perf_counter()
+        for _ in range(cfg.num_iterations):
+            for s in range(0, len(rollout), mb):
+                idx = slice(s, s + mb)
+                rb = rollout.select(idx)
+                with acc.accumulate(self.model):
+                    logits = self._logits(self.model, rb)
+                    out = self.loss_fn(
+                        logits, rb.completion_ids, batch["advantages"][idx], rb.completion_mask,
+                        None if batch["old_logps"] is None else batch["old_logps"][idx],
+                        None if batch["ref_logps"] is None else batch["ref_logps"][idx],
+                        beta=cfg.beta, epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high, delta=cfg.delta,
+                        temperature=cfg.temperature, loss_type=cfg.loss_type,
+                        importance_sampling_level=cfg.importance_sampling_level,
+                        max_completion_length=cfg.max_completion_length,
+                        num_items_in_batch=batch["num_items_in_batch"])
+                    acc.backward(out.loss)
+                    if acc.sync_gradients and self.zero_stage == 0 and cfg.max_grad_norm > 0:
+                        gn = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                        sums["grad_norm"] += float(gn)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad()
+                for key in ("loss", "kl_mean", "clip_ratio_low", "clip_ratio_high", "clip_ratio_region",
+                            "entropy_mean"):
+                    sums[key] += float(getattr(out, key).detach())
+                n += 1
+            if self.zero_stage:
+                gn = self.model.get_global_grad_norm()
+                if gn is not None:
+                    sums["grad_norm"] += float(gn)
+            self.scheduler.step()
+            self.step += 1
+        m = {k: v / (n if k != "grad_norm" else cfg.num_iterations) for k, v in sums.items()}
+        m = {k: float(acc.reduce(torch.tensor(v, device=acc.device), "mean")) for k, v in m.items()}
+        m["time/train_s"] = time.perf_counter() - t0
+        m["lr"] = self.scheduler.get_last_lr()[0]
+        return m
+
+    # ================================================================== evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Greedy accuracy on the held-out set, judged by the correctness reward (all ranks share the work)."""
+        cfg, acc = self.cfg, self.acc
+        rows = self.eval_rows[acc.process_index::acc.num_processes]
+        groups = sorted({r.get("task", "all") for r in self.eval_rows})
+        correct = torch.zeros(len(groups) + 1, device=acc.device)
+        total = torch.zeros(len(groups) + 1, device=acc.device)
+        samples = []
+        with self.unwrapped_for_generation() as model:
+            for s in range(0, len(rows), cfg.eval_batch_size):
+                chunk = rows[s:s + cfg.eval_batch_size]
+                ro = generate(model, self.tokenizer, self._render(chunk), max_prompt_length=cfg.max_prompt_length,
+                              max_new_tokens=cfg.max_completion_length, do_sample=False)
+                answers = [r.get("answer") for r in chunk]
+                scores = correctness_reward(ro.prompts, ro.completions, answer=answers)
+                for r, sc, text in zip(chunk, scores, ro.completions):
+                    g = groups.index(r.get("task", "all"))
+                    ok = float(sc or 0.0)
+                    correct[g] += ok
+                    correct[-1] += ok
+                    total[g] += 1
+                    total[-1] += 1
+                    if len(samples) < 3:
+                        samples.append((r["prompt"], text, r.get("answer")))
+        correct, total = acc.reduce(correct, "sum"), acc.reduce(total, "sum")
+        result = {"accuracy": float(correct[-1] / total[-1].clamp(min=1))}
+        for i, g in enumerate(groups):
+            if g != "all":
+                result[f"accuracy/{g}"] = float(correct[i] / total[i].clamp(min=1))
+        for q, text, ans in samples:
+            logger.info("eval sample | %s | expected %s | %r", q, ans, text)
+        return result
+
+    # ================================================================== training loop
+    def train(self) -> dict:
+        cfg, acc = self.cfg, self.acc
+        wall0 = time.perf_counter()
+        before = getattr(self, "history_eval_before", None) or self.evaluate()
+        self.history_eval_before = before
+        logger.info("eval before training: %s", before)
+        acc.log({f"eval/{k}": v for k, v in before.items()}, step=self.step)
+        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not acc.is_main_process, desc="grpo")
+        window: list[dict] = []
+        t_train = time.perf_counter()
+        while self.step < cfg.max_steps:
+            t0 = time.perf_counter()
+            batch = self.generate_and_score()
+            metrics = {**batch["metrics"], **self.grpo_step(batch)}
+            step_time = time.perf_counter() - t0
+            metrics["time/step_s"] = step_time
+            metrics["tokens_per_s"] = metrics.pop("tokens") / step_time
+            window.append(metrics)
+            bar.update(cfg.num_iterations)
+            bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", loss=f"{metrics['loss']:.4f}")
+            if self.step % cfg.logging_steps == 0 or self.step >= cfg.max_steps:
+                logged = {k: sum(w[k] for w in window) / len(window) for k in window[-1]}
+                logged["step"] = self.step
+                self.history.append(logged)
+                acc.log({f"train/{k}": v for k, v in logged.items() if k != "step"}, step=self.step)
+                for q, c in list(zip(batch["rollout"].prompts, batch["rollout"].completions))[:cfg.log_completions]:
+                    logger.info("sample | %r", c)
+                window = []
+            if cfg.eval_steps and self.step % cfg.eval_steps == 0 and self.step < cfg.max_steps:
+                ev = self.evaluate()
+                logger.info("eval at step %d: %s", self.step, ev)
+                acc.log({f"eval/{k}": v for k, v in ev.items()}, step=self.step)
+            if cfg.save_steps and self.step % cfg.save_steps == 0:
+                self.save_checkpoint()
+        bar.close()
+        train_seconds = time.perf_counter() - t_train
+        after = self.evaluate()
+        logger.info("eval after training: %s", after)
+        acc.log({f"eval/{k}": v for k, v in after.items()}, step=self.step)
+        last = self.history[-max(1, 10 // cfg.logging_steps):] if self.history else []
+        summary = {
+            "steps": self.step, "wall_seconds": time.perf_counter() - wall0, "train_seconds": train_seconds,
+            "eval_accuracy_before": before["accuracy"], "eval_accuracy_after": after["accuracy"],
+            "eval_before": before, "eval_after": after,
+            "final_reward_mean": (sum(h["reward/mean"] for h in last) / len(last)) if last else float("nan"),
+            "num_processes": acc.num_processes, "resumed_from": str(self.resumed_from) if self.resumed_from else None,
+            "config": self.cfg.to_dict(),
+        }
+        return summary
+
+    # ================================================================== checkpoints and saving
+    def _trainer_state(self) -> dict:
+        return {"step": self.step, "data": self.stream.state_dict(), "history": self.history,
+                "eval_before": getattr(self, "history_eval_before", None)}
+
+    def save_checkpoint(self) -> Path:
+        return ckpt.save_checkpoint(self.acc, self.cfg.output_dir, self.step, self._trainer_state(),
+                                    self.cfg.save_total_limit)
+
+    def _load_checkpoint(self, path: Path) -> None:
+        self.acc.load_state(str(path))
+        state = ckpt.load_trainer_state(path)
+        self.step = int(state["step"])
+        self.stream.load_state_dict(state["data"])
+        self.history = state["history"]
+        self.history_eval_before = state.get("eval_before")
+        logger.info("resumed from %s at step %d", path, self.step)
+
+    def save(self, summary: dict) -> None:
+        """OUTPUT_DIR/final (HF format, safetensors) and OUTPUT_DIR/summary.json."""
+        acc = self.acc
+        out = Path(self.cfg.output_dir)
+        state_dict = acc.get_state_dict(self.model)  # gathers ZeRO-3 shards on rank 0
+        if acc.is_main_process:
+            out.mkdir(parents=True, exist_ok=True)
+            model = acc.unwrap_model(self.model)
+            model.config.use_cache = True
+            model.save_pretrained(out / "final", state_dict=state_dict, safe_serialization=True)
+            self.tokenizer.save_pretrained(out / "final")
+            (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        acc.wait_for_everyone()
+        acc.end_training()
+
+
+def _nanmean(x: torch.Tensor) -> float:
+    v = x[~torch.isnan(x)]
+    return float(v.mean()) if v.numel() else float("nan")
+
+
+def _flat_hparams(d: dict) -> dict:
+    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in d.items()}
