@@ -1,0 +1,276 @@
+"""Reward functions, the registry that names them, and how their scores combine.
+
+**Contract** (the signature TRL uses, so reward functions move between the two):
+
+    fn(prompts: list[str], completions: list[str], **columns) -> list[float | None]
+
+``columns`` are the data set's other fields, one list per field (``answer=[...]``, ...). Functions are
+called with keyword arguments, as TRL does, so ``def my_reward(completions, **kwargs)`` works too.
+``None`` (or NaN) for an item means "no opinion": the item is missing for that function.
+
+Built-ins (1.0 or 0.0, no partial credit, so that the reward says one thing):
+
+- ``format``: the completion is ``<think>...</think>`` then ``<answer>...</answer>`` and nothing else,
+  whitespace aside; exactly one of each tag, and the answer is not empty.
+- ``correctness``: the content of the last complete ``<answer>...</answer>`` equals the row's
+  ``answer`` as a polynomial in x (numbers are constants): ``-59.0`` == ``-59``, ``6+9x+3x^2`` ==
+  ``3*x**2+9*x+6``. Only a bare expression counts: ``The final answer is -57`` scores 0 (see
+  ``grpo_scale.safe_math`` for the accepted notation and bounds). A row whose expected answer does not
+  parse is missing (None), not 0, so bad data does not punish the model.
+
+Combination (TRL's semantics): ``total = nansum_f(weight_f * reward_f)``, skipping missing values. A
+completion that no function scored gets total NaN, and the advantage code gives it advantage 0.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+import math
+import numbers
+import os
+import re
+import sys
+from fractions import Fraction
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+from grpo_scale import safe_math
+
+logger = logging.getLogger(__name__)
+
+RewardFunc = Callable[..., list]
+
+_ANSWER_TAG = re.compile(r"(</?answer>)")
+
+
+# ----------------------------------------------------------------------------- built-in rewards
+def extract_answer(completion: str) -> str | None:
+    """The stripped content of the last complete ``<answer>...</answer>`` block, or None.
+
+    With nested or stray tags the innermost complete block counts: ``<answer>a<answer>b</answer>``
+    gives ``b``; an unclosed ``<answer>`` after a complete block is ignored.
+    """
+    if not isinstance(completion, str):
+        return None
+    parts = _ANSWER_TAG.split(completion)  # text, tag, text, tag, ..., text
+    found, content = None, None
+    for i in range(1, len(parts), 2):
+        if parts[i] == "<answer>":
+            content = parts[i + 1]
+        elif content is not None:
+            found, content = content, None
+    return found.strip() if found is not None else None
+
+
+def _well_formatted(completion: str) -> bool:
+    if not isinstance(completion, str):
+        return False
+    s = completion.strip()
+    if any(s.count(tag) != 1 for tag in ("<think>", "</think>", "<answer>", "</answer>")):
+        return False
+    if not (s.startswith("<think>") and s.endswith("</answer>")):
+        return False
+    think_end = s.index("</think>") + len("</think>")
+    answer_start = s.index("<answer>")
+    if answer_start < think_end or s[think_end:answer_start].strip():
+        return False
+    return bool(s[answer_start + len("<answer>"):-len("</answer>")].strip())
+
+
+def format_reward(prompts: list[str], completions: list[str], **kwargs) -> list[float]:
+    """1.0 for ``<think>...</think> <answer>...</answer>`` (whitespace around allowed), else 0.0."""
+    return [1.0 if _well_formatted(c) else 0.0 for c in completions]
+
+
+def _expected_polynomial(value) -> dict | None:
+    """The expected answer as a polynomial; None when it is missing or cannot be read."""
+    if isinstance(value, str):
+        return safe_math.parse_polynomial(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float, Fraction)):
+        return None
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return None
+        value = Fraction(repr(value))  # the decimal the data shows (0.1 -> 1/10), not its binary value
+    return {0: Fraction(value)} if value else {}
+
+
+def correctness_reward(prompts: list[str], completions: list[str], answer: list, **kwargs) -> list[float | None]:
+    """1.0 when the extracted answer equals ``answer[i]`` as a polynomial, 0.0 when it does not (or
+    there is no answer block, or it does not parse), None when ``answer[i]`` itself is unreadable."""
+    if len(answer) != len(completions):
+        raise ValueError(f"correctness reward: {len(answer)} answers for {len(completions)} completions")
+    expected: dict = {}  # the G completions of a group share an answer: parse it once
+    out: list[float | None] = []
+    for completion, target in zip(completions, answer):
+        key = (type(target), target) if isinstance(target, (str, int, float)) else None
+        if key is None or key not in expected:
+            poly = _expected_polynomial(target)
+            if key is not None:
+                expected[key] = poly
+        else:
+            poly = expected[key]
+        if poly is None:
+            out.append(None)
+            continue
+        given = extract_answer(completion)
+        out.append(1.0 if given is not None and safe_math.parse_polynomial(given) == poly else 0.0)
+    return out
+
+
+BUILTIN_REWARDS: dict[str, RewardFunc] = {"format": format_reward, "correctness": correctness_reward}
+
+
+# ----------------------------------------------------------------------------- registry
+def _import_user_function(name: str, where: str) -> RewardFunc:
+    module_name, _, func_name = name.partition(":")
+    if not module_name or not func_name:
+        raise ValueError(f"{where}: {name!r} must look like 'module:function'")
+    # Like `python -m`, the current directory is importable (launchers put the script's folder first).
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name and module_name.split(".")[0] == e.name.split(".")[0]:
+            raise ValueError(f"{where}: cannot import module {module_name!r}: no such module in the current "
+                             f"directory ({cwd}) or on the Python path; run from the folder that holds "
+                             f"{module_name.split('.')[0]}.py") from e
+        raise ValueError(f"{where}: importing module {module_name!r} failed: {e}") from e
+    except Exception as e:  # the user's module raised while importing: show what and where
+        raise ValueError(f"{where}: importing module {module_name!r} failed: {type(e).__name__}: {e}") from e
+    func = getattr(module, func_name, None)
+    if func is None:
+        raise ValueError(f"{where}: module {module_name!r} has no function {func_name!r}")
+    if not callable(func):
+        raise ValueError(f"{where}: {name!r} is a {type(func).__name__}, not a function")
+    return func
+
+
+def get_reward_funcs(names: Sequence[str]) -> list[RewardFunc]:
+    """The reward functions for config names: a built-in (``format``, ``correctness``) or
+    ``module:function`` imported from the user's code. Raises ValueError naming the bad entry."""
+    if isinstance(names, str) or not isinstance(names, (list, tuple)):
+        raise ValueError(f"reward_funcs must be a list of names such as ['correctness', 'format'], got {names!r}")
+    if not names:
+        raise ValueError("reward_funcs is empty: name at least one reward function")
+    funcs = []
+    for i, name in enumerate(names):
+        where = f"reward_funcs[{i}]"
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"{where}: expected a name such as 'correctness' or 'module:function', got {name!r}")
+        name = name.strip()
+        if name in BUILTIN_REWARDS:
+            funcs.append(BUILTIN_REWARDS[name])
+        elif ":" in name:
+            funcs.append(_import_user_function(name, where))
+        else:
+            raise ValueError(f"{where}: unknown reward {name!r}; built-ins are {sorted(BUILTIN_REWARDS)}, "
+                             "or name your own as 'module:function'")
+    return funcs
+
+
+def required_columns(func: RewardFunc) -> list[str]:
+    """Data columns ``func`` cannot run without: its parameters without a default, besides
+    ``prompts`` and ``completions`` (``correctness_reward`` -> ['answer'])."""
+    try:
+        params = inspect.signature(func).parameters.values()
+    except (TypeError, ValueError):  # some builtins and C callables have no signature
+        return []
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p.name for p in params
+            if p.kind in kinds and p.default is inspect.Parameter.empty and p.name not in ("prompts", "completions")]
+
+
+def check_reward_columns(funcs: Sequence[RewardFunc], names: Sequence[str], columns: Iterable[str]) -> None:
+    """Raise ValueError before training when a reward function needs a column the data lacks."""
+    have = set(columns)
+    for func, name in zip(funcs, names):
+        missing = [c for c in required_columns(func) if c not in have]
+        if missing:
+            raise ValueError(f"reward {name!r} needs the column(s) {missing}, which the data does not have "
+                             f"(columns: {', '.join(sorted(have)) or 'none'}); add them or choose another reward")
+
+
+# ----------------------------------------------------------------------------- combination
+def _func_name(func) -> str:
+    module = getattr(func, "__module__", None)
+    name = getattr(func, "__name__", None)
+    if name is None:
+        return repr(func)
+    return name if module in (None, __name__) else f"{module}:{name}"
+
+
+def _as_floats(out, n: int, name: str) -> list[float]:
+    """One float per completion, NaN for missing; ValueError for a result of the wrong shape or type."""
+    if hasattr(out, "tolist") and not isinstance(out, (list, tuple)):  # torch / numpy arrays
+        out = out.tolist()
+    if not isinstance(out, (list, tuple)):
+        raise ValueError(f"reward function {name} returned {type(out).__name__}; return a list with one "
+                         "float (or None) per completion")
+    if len(out) != n:
+        raise ValueError(f"reward function {name} returned {len(out)} rewards for {n} completions; return "
+                         "one float (or None) per completion")
+    values = []
+    for i, v in enumerate(out):
+        if v is None:
+            values.append(math.nan)
+            continue
+        if isinstance(v, (str, bytes)) or not hasattr(v, "__float__"):
+            raise ValueError(f"reward function {name} returned {type(v).__name__} {v!r} for completion {i}; "
+                             "return a float or None")
+        x = float(v)
+        if math.isinf(x):
+            logger.warning("reward function %s returned %s for completion %d; counted as missing", name, x, i)
+            x = math.nan
+        values.append(x)
+    return values
+
+
+def compute_rewards(funcs: Sequence[RewardFunc], weights: Sequence[float] | None, prompts: list[str],
+                    completions: list[str], columns: dict[str, list], *,
+                    names: Sequence[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Score N completions with F reward functions and combine them.
+
+    Each function is called as ``fn(prompts=..., completions=..., **columns)`` (columns named ``prompt``
+    or ``completion`` are not passed; the prompt arrives as ``prompts``). A function that raises is
+    logged and counts as missing for every item of this call; None and NaN items are missing; a
+    wrong-length or non-numeric result raises ValueError naming the function.
+
+    weights: F floats, or None for all 1.0. names: F labels for messages (default: the functions' names).
+    Returns (per_func [N, F] float32 with NaN for missing, total [N] float32): total is the weighted sum
+    over the functions that scored the item, NaN when none did (its advantage is then 0).
+    """
+    n, f = len(completions), len(funcs)
+    if f == 0:
+        raise ValueError("no reward functions: name at least one in reward_funcs")
+    if len(prompts) != n:
+        raise ValueError(f"{len(prompts)} prompts for {n} completions: pass one prompt per completion")
+    weights = [1.0] * f if weights is None else list(weights)
+    if len(weights) != f or not all(isinstance(w, numbers.Real) and math.isfinite(w) for w in weights):
+        raise ValueError(f"reward_weights must be {f} finite numbers (one per reward function), got {weights}")
+    names = [_func_name(fn) for fn in funcs] if names is None else list(names)
+    for key, values in columns.items():
+        if key in ("prompts", "completions"):
+            raise ValueError(f"data column {key!r} clashes with the reward argument of that name; rename the column")
+        if len(values) != n:
+            raise ValueError(f"data column {key!r} has {len(values)} values for {n} completions")
+    kwargs = {k: v for k, v in columns.items() if k not in ("prompt", "completion")}
+
+    per_func = torch.full((n, f), math.nan, dtype=torch.float32)
+    for j, fn in enumerate(funcs):
+        try:
+            out = fn(prompts=prompts, completions=completions, **kwargs)
+        except Exception as e:  # the contract: a failing reward never stops training
+            logger.warning("reward function %s raised %s: %s; its rewards count as missing for these %d "
+                           "completions", names[j], type(e).__name__, e, n)
+            continue
+        per_func[:, j] = torch.tensor(_as_floats(out, n, names[j]), dtype=torch.float32)
+
+    weighted = per_func * torch.tensor(weights, dtype=torch.float32)  # NaN * w stays NaN, then skipped
+    total = torch.nansum(weighted, dim=1)
+    total[torch.isnan(per_func).all(dim=1)] = math.nan
+    return per_func, total
