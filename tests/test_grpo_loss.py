@@ -1,0 +1,290 @@
+"""The Triton GRPO loss against the eager reference computed in float64.
+
+On machines without a GPU the kernels run in Triton's interpreter on CPU tensors (tests/conftest.py sets
+TRITON_INTERPRET=1 before anything imports a kernel). Every kernel run uses NaN-poisoned `torch.empty`,
+so an output element a kernel forgets to write fails the comparison.
+
+Tolerances, as whole-tensor relative errors ||got - gold|| / max(||gold||, FLOOR):
+- fp32 logits: 1e-5 for everything (fp32 arithmetic against float64).
+- bf16/fp16 logits: the same 1e-5 for the loss, log-probs and metrics, because both sides see the same
+  low-precision values (exact in fp32) and the kernel accumulates in fp32. The gradient is stored in
+  the logits' dtype, so each element carries one conversion error relative to its fp32 value: at most
+  2^-8 for bf16 (8 significant bits, round to nearest on a GPU) and 2^-11 for fp16. Triton's
+  interpreter converts fp32 to bf16 by truncation, which doubles the bf16 bound to 2^-7. A per-element
+  bound is also a bound on the whole-tensor relative error, so we allow that bound plus 10% for the
+  fp32 arithmetic before the conversion.
+"""
+import itertools
+import os
+
+import pytest
+import torch
+
+import grpo_scale.kernels._launch as launch
+from grpo_scale.kernels.grpo_loss import grpo_loss, selective_logps
+from grpo_scale.kernels.reference import grpo_loss_reference, selective_logps_reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("needs a GPU or TRITON_INTERPRET=1", allow_module_level=True)
+
+FLOOR = 1e-3
+_BF16_CONVERSION = 2**-8 if DEVICE == "cuda" else 2**-7  # the interpreter truncates to bf16
+TOL = {  # dtype: (loss, log-probs and metrics; gradient)
+    torch.float32: (1e-5, 1e-5),
+    torch.bfloat16: (1e-5, 1.1 * _BF16_CONVERSION),
+    torch.float16: (1e-5, 1.1 * 2**-11),
+}
+LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo"]
+LEVELS = ["token", "sequence"]
+
+
+def rel_err(got, gold):
+    got, gold = got.detach().double().cpu(), gold.detach().double().cpu()
+    return float((got - gold).norm() / max(float(gold.norm()), FLOOR))
+
+
+# --------------------------------------------------------------------------------------------------
+# Cases
+# --------------------------------------------------------------------------------------------------
+SHAPES = {
+    # name: (B, T, V, options)
+    "B2-T5-V67": (2, 5, 67, {"block": 32}),  # three blocks, the last one partial
+    "B3-T37-V1001": (3, 37, 1001, {}),
+    "B3-T6-V300-masked-row": (3, 6, 300, {"block": 128, "masked_row": True}),
+    "B2-T4-V4099": (2, 4, 4099, {}),
+    "B2-T5-V515-strided": (2, 5, 515, {"block": 256, "strided": True}),
+    "B2-T5-V259-inplace": (2, 5, 259, {"block": 128, "inplace": True}),
+}
+
+
+def make_case(shape, dtype, seed=0):
+    """Logits (maybe a strided view), ids, advantages, a ragged mask, old and ref log-probs."""
+    B, T, V, opts = SHAPES[shape]
+    g = torch.Generator().manual_seed(seed)
+    base = 2.0 * torch.randn(B, T + 3 if opts.get("strided") else T, V + 5 if opts.get("strided") else V,
+                             generator=g).to(dtype)
+    logits = base[:, 1:T + 1, 2:V + 2] if opts.get("strided") else base  # strides (T+3)(V+5), V+5, 1
+    ids = torch.randint(0, V, (B, T), generator=g)
+    lengths = torch.randint(1, T + 1, (B,), generator=g)
+    lengths[0] = T
+    mask = torch.arange(T).unsqueeze(0) < lengths.unsqueeze(1)
+    if opts.get("masked_row"):
+        mask[1] = False
+    ids = ids.masked_fill(~mask, -100)  # padding: must never be read
+    adv = torch.randn(B, generator=g)
+    gold_logp = selective_logps_reference(logits.double(), ids.clamp(min=0))
+    old = (gold_logp + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)).float()
+    ref = (gold_logp + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)).float()
+    to = dict(device=DEVICE)
+    return logits.to(**to), ids.to(**to), adv.to(**to), mask.to(**to), old.to(**to), ref.to(**to), opts
+
+
+def check_against_gold(shape, dtype, loss_type, level, beta, with_old, temperature, monkeypatch,
+                       **extra):
+    logits, ids, adv, mask, old, ref, opts = make_case(shape, dtype)
+    if "block" in opts:
+        monkeypatch.setattr(launch, "INTERPRETER_MAX_BLOCK_V", opts["block"])
+    kwargs = dict(beta=beta, temperature=temperature, loss_type=loss_type, importance_sampling_level=level,
+                  delta=1.5 if with_old else None, **extra)
+    old = old if with_old else None
+    ref = ref if beta > 0 else None
+
+    gold_logits = logits.detach().double().requires_grad_()
+    gold = grpo_loss_reference(gold_logits, ids, adv.double(), mask,
+                               None if old is None else old.double(), None if ref is None else ref.double(),
+                               **kwargs)
+    gold.loss.backward()
+
+    x = logits.detach().clone() if not opts.get("strided") else logits.detach()
+    if opts.get("strided"):  # keep the view's strides: the kernel must use them, not a copy
+        assert not x.is_contiguous() and x.stride(-1) == 1
+    x.requires_grad_()
+    out = grpo_loss(x, ids, adv, mask, old, ref, inplace=opts.get("inplace", False), **kwargs)
+    out.loss.backward()
+
+    tol_values, tol_grad = TOL[dtype]
+    errors = {name: rel_err(got, want) for name, got, want in zip(out._fields, out, gold)}
+    errors["grad"] = rel_err(x.grad, gold_logits.grad)
+    bad = {k: v for k, v in errors.items() if v > (tol_grad if k == "grad" else tol_values)}
+    assert not bad, f"errors over tolerance: {bad}"
+    assert out.per_token_logps.dtype == torch.float32 and x.grad.dtype == dtype
+    assert (out.per_token_logps[~mask] == 0).all()
+    return errors
+
+
+# --------------------------------------------------------------------------------------------------
+# The full grid on one small odd shape; a pairwise selection on the others; everything when slow.
+# --------------------------------------------------------------------------------------------------
+FACTORS = {
+    "loss_type": LOSS_TYPES,
+    "level": LEVELS,
+    "beta": [0.0, 0.04],
+    "with_old": [False, True],
+    "temperature": [1.0, 0.7],
+    "dtype": [torch.float32, torch.bfloat16],
+}
+FULL_GRID = list(itertools.product(*FACTORS.values()))
+
+
+def _pairwise(factors):
+    """A small list of combinations covering every pair of values of any two factors (greedy)."""
+    names = list(factors)
+    uncovered = {(i, a, j, b) for i, j in itertools.combinations(range(len(names)), 2)
+                 for a in range(len(factors[names[i]])) for b in range(len(factors[names[j]]))}
+    all_rows = list(itertools.product(*(range(len(factors[n])) for n in names)))
+    chosen = []
+    while uncovered:
+        def gain(row):
+            return sum((i, row[i], j, row[j]) in uncovered for i, j in itertools.combinations(range(len(row)), 2))
+        best = max(all_rows, key=gain)
+        uncovered -= {(i, best[i], j, best[j]) for i, j in itertools.combinations(range(len(best)), 2)}
+        chosen.append(tuple(factors[n][k] for n, k in zip(names, best)))
+    return chosen
+
+
+def _case_id(values):
+    loss_type, level, beta, with_old, temperature, dtype = values[-6:]
+    tail = f"{loss_type}-{level}-beta{beta}-{'old' if with_old else 'onpolicy'}-T{temperature}-{str(dtype)[6:]}"
+    return f"{values[0]}-{tail}" if len(values) == 7 else tail
+
+
+PAIRWISE = _pairwise({"shape": [s for s in SHAPES if s != "B2-T5-V67"], **FACTORS})
+
+
+@pytest.mark.parametrize("values", FULL_GRID, ids=[_case_id(v) for v in FULL_GRID])
+def test_small_shape_full_grid(values, nan_empty, monkeypatch):
+    loss_type, level, beta, with_old, temperature, dtype = values
+    check_against_gold("B2-T5-V67", dtype, loss_type, level, beta, with_old, temperature, monkeypatch)
+
+
+@pytest.mark.parametrize("values", PAIRWISE, ids=[_case_id(v) for v in PAIRWISE])
+def test_shapes_pairwise(values, nan_empty, monkeypatch):
+    shape, loss_type, level, beta, with_old, temperature, dtype = values
+    check_against_gold(shape, dtype, loss_type, level, beta, with_old, temperature, monkeypatch)
+
+
+SLOW_GRID = [(s, *v) for s in SHAPES for v in FULL_GRID]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("values", SLOW_GRID, ids=[_case_id(v) for v in SLOW_GRID])
+def test_all_shapes_full_grid(values, nan_empty, monkeypatch):
+    shape, loss_type, level, beta, with_old, temperature, dtype = values
+    check_against_gold(shape, dtype, loss_type, level, beta, with_old, temperature, monkeypatch)
+
+
+# --------------------------------------------------------------------------------------------------
+# Options, special rows and the autograd contract
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("level", LEVELS)
+def test_fp16_dapo_with_device_normaliser(level, nan_empty, monkeypatch):
+    check_against_gold("B3-T6-V300-masked-row", torch.float16, "dapo", level, 0.04, True, 0.7, monkeypatch,
+                       num_items_in_batch=torch.tensor(23.0, device=DEVICE), epsilon_high=0.28,
+                       max_completion_length=9)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_zero_advantage_rows_and_all_masked(level, nan_empty):
+    logits, ids, adv, mask, old, _, _ = make_case("B3-T6-V300-masked-row", torch.float32)
+    adv[0] = 0.0  # with beta = 0 row 0 has a zero gradient: the sequence kernel writes it unread
+    x, gold_x = logits.clone().requires_grad_(), logits.double().requires_grad_()
+    out = grpo_loss(x, ids, adv, mask, old, importance_sampling_level=level)
+    gold = grpo_loss_reference(gold_x, ids, adv.double(), mask, old.double(), importance_sampling_level=level)
+    out.loss.backward()
+    gold.loss.backward()
+    assert rel_err(x.grad, gold_x.grad) < 1e-5 and rel_err(out.loss, gold.loss) < 1e-5
+    assert (x.grad[0] == 0).all() and (x.grad[1] == 0).all()
+
+    x = logits.clone().requires_grad_()
+    out = grpo_loss(x, ids, adv, torch.zeros_like(mask), old, importance_sampling_level=level)
+    out.loss.backward()
+    assert all((value == 0).all() for value in out) and (x.grad == 0).all()
+
+
+def test_grad_scale_and_upstream_gradient(nan_empty):
+    logits, ids, adv, mask, old, _, _ = make_case("B2-T5-V67", torch.float32)
+    x = logits.clone().requires_grad_()
+    grpo_loss(x, ids, adv, mask, old).loss.backward()
+    unit = x.grad.clone()
+
+    x = logits.clone().requires_grad_()
+    out = grpo_loss(x, ids, adv, mask, old, grad_scale=0.25)
+    out.loss.backward()  # upstream 1: the stored gradient is final
+    assert torch.allclose(x.grad, 0.25 * unit, rtol=1e-6, atol=0)
+    assert torch.allclose(out.loss, grpo_loss(logits, ids, adv, mask, old).loss)  # value not scaled
+
+    x = logits.clone().requires_grad_()
+    (3.0 * grpo_loss(x, ids, adv, mask, old, grad_scale=0.5).loss).backward()  # scaled on the device
+    assert torch.allclose(x.grad, 1.5 * unit, rtol=1e-6, atol=0)
+
+
+def test_single_backward_only():
+    logits, ids, adv, mask, old, _, _ = make_case("B2-T5-V67", torch.float32)
+    x = logits.clone().requires_grad_()
+    loss = grpo_loss(x, ids, adv, mask, old).loss
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="single backward"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_no_grad_leaves_logits_alone(inplace, nan_empty):
+    logits, ids, adv, mask, old, _, _ = make_case("B2-T5-V67", torch.float32)
+    x = logits.clone().requires_grad_()
+    before = x.detach().clone()
+    with torch.no_grad():
+        out = grpo_loss(x, ids, adv, mask, old, inplace=inplace)
+    gold = grpo_loss_reference(logits.double(), ids, adv.double(), mask, old.double())
+    assert torch.equal(x.detach(), before)
+    assert not out.loss.requires_grad
+    assert all(rel_err(a, b) < 1e-5 for a, b in zip(out, gold))
+
+
+def test_inplace_consumes_the_logits(nan_empty):
+    logits, ids, adv, mask, old, _, _ = make_case("B2-T5-V67", torch.float32)
+    x = logits.clone().requires_grad_()
+    grpo_loss(x, ids, adv, mask, old, inplace=True).loss.backward()
+    assert x.grad.data_ptr() == x.data_ptr()  # the gradient lives in the logits' memory
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", ["B2-T5-V67", "B2-T4-V4099", "B2-T5-V515-strided"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_selective_logps(shape, dtype, temperature, nan_empty, monkeypatch):
+    logits, ids, _, mask, _, _, opts = make_case(shape, dtype)
+    if "block" in opts:
+        monkeypatch.setattr(launch, "INTERPRETER_MAX_BLOCK_V", opts["block"])
+    ids = ids.clamp(min=0)
+    got = selective_logps(logits, ids, temperature=temperature)
+    gold = selective_logps_reference(logits.double(), ids, temperature=temperature)
+    assert got.dtype == torch.float32 and rel_err(got, gold) < 1e-5
+
+
+# --------------------------------------------------------------------------------------------------
+# Errors: the same validation as the reference, plus device dispatch
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("change,match", [
+    ({"loss_type": "ppo"}, "loss_type must be one of"),
+    ({"beta": 0.1}, "beta > 0 needs ref_logps"),
+    ({"completion_ids": torch.zeros(2, 4, dtype=torch.long)}, r"completion_ids has shape \(2, 4\)"),
+    ({"completion_mask": torch.full((2, 3), 0.5)}, "completion_mask must hold only 0 and 1"),
+    ({"logits": torch.zeros(2, 3, 5, dtype=torch.long)}, "logits must be floating point"),
+    ({"logits": torch.zeros(2, 3, 10)[:, :, ::2]}, "contiguous last dimension"),
+])
+def test_errors(change, match):
+    args = dict(logits=torch.zeros(2, 3, 5), completion_ids=torch.zeros(2, 3, dtype=torch.long),
+                advantages=torch.zeros(2), completion_mask=torch.ones(2, 3))
+    kwargs = {k: v for k, v in change.items() if k not in args}
+    args.update({k: v.to(DEVICE) for k, v in change.items() if k in args})
+    args = {k: v.to(DEVICE) for k, v in args.items()}
+    with pytest.raises(ValueError, match=match):
+        grpo_loss(**args, **kwargs)
+
+
+def test_cpu_tensors_without_the_interpreter_are_refused():
+    class CompiledKernel:  # stands in for a kernel decorated without TRITON_INTERPRET
+        pass
+
+    with pytest.raises(ValueError, match="need CUDA tensors"):
+        launch.check_device("grpo_loss", torch.zeros(1), CompiledKernel())
