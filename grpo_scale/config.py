@@ -103,6 +103,8 @@ class GRPOConfig:
     per_device_train_batch_size: int = _f(8, "Completions per process per micro-step.")
     gradient_accumulation_steps: int = _f(1, "Micro-steps per optimiser step. One rollout feeds one step.")
     seed: int = _f(42, "Seed of sampling, data order and initialisation.")
+    cpu_threads: int = _f(0, "torch threads per process when training on CPU (0: cores / local processes). "
+                          "Small models run fastest with 1.")
 
     # ------------------------------------------------------------------ outputs
     output_dir: str = _f("outputs/tiny-math", "Where logs, checkpoints, summary.json and final/ go.")
@@ -134,7 +136,7 @@ class GRPOConfig:
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_steps", "num_iterations",
                      "max_completion_length", "eval_batch_size", "logging_steps"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_size", "eval_steps", "save_steps", "top_k"):
+        for name in ("eval_size", "eval_steps", "save_steps", "top_k", "cpu_threads"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         need(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
         need(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")

@@ -92,7 +92,8 @@ class GRPOTrainer:
         cfg = self.cfg
         # Without CUDA, Accelerate does not build its process state under DeepSpeed unless told the backend:
         # every rank would then believe it is rank 0 of 1 and no data would be sharded.
-        handlers = [] if torch.cuda.is_available() else [InitProcessGroupKwargs(backend="gloo")]
+        launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        handlers = [InitProcessGroupKwargs(backend="gloo")] if launched and not torch.cuda.is_available() else []
         self.acc = Accelerator(
             mixed_precision="bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "no",
             gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -111,6 +112,10 @@ class GRPOTrainer:
                                         * self.acc.num_processes)
             conf["gradient_clipping"] = cfg.max_grad_norm
             self.zero_stage = int(conf.get("zero_optimization", {}).get("stage", 0))
+        if self.acc.device.type == "cpu":
+            # Idle OpenMP threads spin at barriers: oversubscribed cores stall small models for seconds.
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+            torch.set_num_threads(cfg.cpu_threads or max(1, (os.cpu_count() or 1) // local))
         set_seed(cfg.seed)
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                             level=logging.INFO if self.acc.is_main_process else logging.WARNING)

@@ -1,0 +1,125 @@
+"""The trainer end to end on the embedded model: single process, and 2 ranks under DeepSpeed ZeRO."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from grpo_scale.config import load_config
+from grpo_scale.kernels.reference import grpo_loss_reference
+from grpo_scale.trainer import GRPOTrainer
+
+ROOT = Path(__file__).resolve().parent.parent
+FAST = ["--eval_size", "8", "--eval_batch_size", "8", "--max_completion_length", "24", "--report_to", "none",
+        "--per_device_train_batch_size", "8", "--num_generations", "4", "--learning_rate", "1e-3"]
+
+
+def make_trainer(tmp_path, *extra) -> GRPOTrainer:
+    cfg = load_config(FAST + ["--output_dir", str(tmp_path / "out"), *extra])
+    trainer = GRPOTrainer(cfg)
+    trainer.setup()
+    return trainer
+
+
+def params_of(trainer) -> torch.Tensor:
+    return torch.cat([p.detach().flatten().clone() for p in trainer.acc.unwrap_model(trainer.model).parameters()])
+
+
+def test_single_process_run_learns_something_and_writes_outputs(tmp_path):
+    trainer = make_trainer(tmp_path, "--max_steps", "2")
+    before = params_of(trainer)
+    summary = trainer.train()
+    trainer.save(summary)
+    assert summary["steps"] == 2 and trainer.history
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in trainer.history)
+    assert not torch.equal(before, params_of(trainer)), "parameters did not move"
+    out = tmp_path / "out"
+    written = json.loads((out / "summary.json").read_text())
+    for key in ("steps", "wall_seconds", "train_seconds", "eval_accuracy_before", "eval_accuracy_after",
+                "final_reward_mean", "config"):
+        assert key in written
+    assert written["config"]["max_steps"] == 2
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    AutoTokenizer.from_pretrained(out / "final")
+    assert (out / "final" / "model.safetensors").is_file()
+    assert torch.allclose(torch.cat([p.flatten() for p in model.parameters()]), params_of(trainer))
+
+
+def test_reference_model_and_reused_rollouts(tmp_path):
+    """beta > 0 builds a frozen reference; num_iterations = 2 takes two optimiser steps per rollout."""
+    trainer = make_trainer(tmp_path, "--max_steps", "2", "--beta", "0.1", "--num_iterations", "2",
+                           "--loss_type", "grpo")
+    assert trainer.ref_model is not None and not any(p.requires_grad for p in trainer.ref_model.parameters())
+    batch = trainer.generate_and_score()
+    assert batch["ref_logps"].shape == batch["rollout"].completion_ids.shape
+    # before any update, old log-probs are the policy's own: the first iteration is on-policy
+    assert torch.allclose(batch["old_logps"], batch["ref_logps"], atol=1e-5)
+    metrics = trainer.grpo_step(batch)
+    assert trainer.step == 2 and torch.isfinite(torch.tensor(metrics["loss"]))
+    assert make_trainer(tmp_path, "--beta", "0").ref_model is None
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
+def test_gradient_accumulation_matches_one_big_batch(tmp_path, loss_type):
+    """Micro-batch losses, each divided by the accumulation steps as backward does, add up to the full
+    batch's gradient (bnpo normalises per micro-batch, as in TRL, and is not expected to match)."""
+    trainer = make_trainer(tmp_path, "--gradient_accumulation_steps", "2", "--per_device_train_batch_size", "4",
+                           "--loss_type", loss_type)
+    batch = trainer.generate_and_score()
+    ro, adv, model = batch["rollout"], batch["advantages"], trainer.acc.unwrap_model(trainer.model)
+    kw = dict(loss_type=loss_type, max_completion_length=trainer.cfg.max_completion_length)
+
+    def grads(loss_fn):
+        model.zero_grad()
+        loss_fn().backward()
+        return torch.cat([p.grad.flatten().clone() for p in model.parameters() if p.grad is not None])
+
+    def micro():
+        total = 0
+        for s in (slice(0, 4), slice(4, 8)):
+            rb = ro.select(s)
+            out = grpo_loss_reference(trainer._logits(model, rb), rb.completion_ids, adv[s], rb.completion_mask,
+                                      num_items_in_batch=batch["num_items_in_batch"], **kw)
+            total = total + out.loss / 2
+        return total
+
+    def full():
+        n_items = ro.completion_mask.sum().float()  # one process, one micro-step: every active token
+        return grpo_loss_reference(trainer._logits(model, ro), ro.completion_ids, adv, ro.completion_mask,
+                                   num_items_in_batch=n_items, **kw).loss
+
+    assert torch.allclose(grads(micro), grads(full), rtol=1e-4, atol=1e-7)
+
+
+def test_missing_embedded_model_says_how_to_build_it(tmp_path):
+    from grpo_scale.config import ConfigError
+    cfg = load_config(FAST + ["--output_dir", str(tmp_path), "--model_name_or_path", "embedded:nope"])
+    with pytest.raises(ConfigError, match="python -m grpo_scale.tiny"):
+        GRPOTrainer(cfg).setup()
+
+
+@pytest.mark.parametrize("zero", ["zero2"])
+def test_two_ranks_under_deepspeed(tmp_path, zero):
+    """2 CPU ranks: distinct indices, distinct prompts, parameters moved identically on both."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "accelerate_configs" / f"{zero}.yaml"), str(ROOT / "tests" / "dist_probe.py"),
+           str(tmp_path), *FAST, "--per_device_train_batch_size", "4", "--max_steps", "2",
+           "--output_dir", str(tmp_path / "out")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    r0 = json.loads((tmp_path / "rank0.json").read_text())
+    r1 = json.loads((tmp_path / "rank1.json").read_text())
+    assert (r0["process_index"], r1["process_index"]) == (0, 1)
+    assert r0["num_processes"] == r1["num_processes"] == r0["world_size"] == 2
+    assert r0["zero_stage"] == int(zero[-1])
+    # each prompt's group of 4 spans exactly one rank here (4 completions per rank per step): no overlap
+    assert set(r0["prompts"]).isdisjoint(r1["prompts"])
+    assert r0["steps"] == 2
+    assert r0["after"] != r0["before"], "parameters did not move"
+    assert abs(r0["after"] - r1["after"]) < 1e-6 * max(1.0, abs(r0["after"])), "ranks diverged"
+    assert (tmp_path / "out" / "final" / "model.safetensors").is_file()
