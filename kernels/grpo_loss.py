@@ -265,19 +265,43 @@ def _row_weights(mask, loss_type, max_completion_length, num_items_in_batch) -> 
     return ones / float(num_items_in_batch)
 
 
+def build_inputs(
+    completion_ids, advantages, completion_mask, old_logps, ref_logps, *, beta, epsilon_low, epsilon_high,
+    delta, temperature, loss_type, importance_sampling_level, max_completion_length, num_items_in_batch,
+    inplace, grad_scale,
+) -> _Inputs:
+    """Everything the launchers need besides the logits, from validated public arguments."""
+    mask = completion_mask != 0
+    return _Inputs(
+        ids=completion_ids.reshape(-1),
+        mask=mask,
+        mask_f=mask.reshape(-1).to(torch.float32),
+        advantages=advantages.detach().to(torch.float32).contiguous(),
+        weights=_row_weights(mask, loss_type, max_completion_length, num_items_in_batch),
+        old=None if old_logps is None else old_logps.detach().to(torch.float32).reshape(-1).contiguous(),
+        ref=None if beta <= 0 else ref_logps.detach().to(torch.float32).reshape(-1).contiguous(),
+        beta=float(beta), epsilon_low=float(epsilon_low), epsilon_high=float(epsilon_high),
+        delta=float("inf") if delta is None else float(delta), temperature=float(temperature),
+        level=importance_sampling_level, grad_scale=float(grad_scale), inplace=bool(inplace),
+    )
+
+
 def _masked_mean(values, mask_f, n_active):
     return (values * mask_f).sum() / n_active
 
 
-def _token_forward(logits, inp: _Inputs, write_grad: bool):
-    """One launch: statistics for every token and, when asked, the final gradient of the logits."""
+def _new_grad(logits, inplace: bool) -> torch.Tensor:
+    if inplace:
+        return logits.detach()  # the logits' own memory, strides included
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
+def launch_token_kernel(logits, grad, inp: _Inputs) -> torch.Tensor:
+    """One launch over logits [B', T', V]: returns the statistics [_N_STATS, B'*T'] fp32 and, when
+    `grad` is given (may be the logits themselves), writes the final gradient into it."""
     B, T, V = logits.shape
     N = B * T
     stats = torch.empty(_N_STATS, N, dtype=torch.float32, device=logits.device)
-    grad = None
-    if write_grad:
-        grad = logits.detach() if inp.inplace else torch.empty(logits.shape, dtype=logits.dtype,
-                                                               device=logits.device)
     g = grad if grad is not None else logits  # a valid pointer; never written without WRITE_GRAD
     has_kl = inp.beta > 0
     _grpo_token_kernel[(N,)](
@@ -285,19 +309,32 @@ def _token_forward(logits, inp: _Inputs, write_grad: bool):
         inp.old if inp.old is not None else stats, inp.ref if has_kl else stats, stats,
         T, V, N, logits.stride(0), logits.stride(1), g.stride(0), g.stride(1),
         inp.epsilon_low, inp.epsilon_high, inp.delta, inp.beta, 1.0 / inp.temperature, inp.grad_scale,
-        HAS_OLD=inp.old is not None, HAS_KL=has_kl, WRITE_GRAD=write_grad,
+        HAS_OLD=inp.old is not None, HAS_KL=has_kl, WRITE_GRAD=grad is not None,
         **row_config(V, _grpo_token_kernel),
     )
+    return stats
+
+
+def token_outputs(stats, inp: _Inputs, B: int, T: int):
+    """Loss and metrics from the token kernel's statistics ([B*T]-sized reductions only)."""
     n_active = inp.mask_f.sum().clamp(min=1)
-    zero = torch.zeros((), dtype=torch.float32, device=logits.device)
+    zero = torch.zeros((), dtype=torch.float32, device=stats.device)
     low, high = stats[_LOW].sum() / n_active, stats[_HIGH].sum() / n_active
     outputs = (
         stats[_LOGP].view(B, T),
-        stats[_KL].sum() / n_active if has_kl else zero,
+        stats[_KL].sum() / n_active if inp.beta > 0 else zero,
         low, high, low + high,  # a token is never clipped low and high at once (sign of A)
         stats[_ENT].sum() / n_active,
     )
-    return stats[_LOSS].sum(), outputs, grad
+    return stats[_LOSS].sum(), outputs
+
+
+def _token_forward(logits, inp: _Inputs, write_grad: bool):
+    """One launch: statistics for every token and, when asked, the final gradient of the logits."""
+    B, T, _ = logits.shape
+    grad = _new_grad(logits, inp.inplace) if write_grad else None
+    stats = launch_token_kernel(logits, grad, inp)
+    return (*token_outputs(stats, inp, B, T), grad)
 
 
 def _sequence_terms(logp, inp: _Inputs):
@@ -337,30 +374,35 @@ def _sequence_terms(logp, inp: _Inputs):
     return loss_terms, coef, kl, low, high
 
 
-def _sequence_forward(logits, inp: _Inputs, write_grad: bool):
-    """Launch 1 (log-probs), the sequence ratio in torch, launch 2 (gradient)."""
+def launch_sequence_logp_kernel(logits, inp: _Inputs) -> torch.Tensor:
+    """Launch 1 over logits [B', T', V]: returns [_SEQ_N, B'*T'] fp32 (logp, entropy, lse2)."""
     B, T, V = logits.shape
     N = B * T
-    cfg = row_config(V, _sequence_logp_kernel)
     rows = torch.empty(_SEQ_N, N, dtype=torch.float32, device=logits.device)
     _sequence_logp_kernel[(N,)](
         logits, inp.ids, inp.mask_f, rows, T, V, N, logits.stride(0), logits.stride(1),
-        1.0 / inp.temperature, **cfg,
+        1.0 / inp.temperature, **row_config(V, _sequence_logp_kernel),
     )
+    return rows
+
+
+def launch_sequence_grad_kernel(logits, grad, ids, coef, lse2, temperature: float) -> None:
+    """Launch 2 over logits [B', T', V]: grad = coef * (onehot - softmax(z/T)) per row ([B'*T'] coef)."""
+    B, T, V = logits.shape
+    _sequence_grad_kernel[(B * T,)](
+        logits, grad, ids, coef.reshape(-1).contiguous(), lse2, T, V,
+        logits.stride(0), logits.stride(1), grad.stride(0), grad.stride(1),
+        1.0 / temperature, **row_config(V, _sequence_grad_kernel),
+    )
+
+
+def sequence_outputs(rows, inp: _Inputs, B: int, T: int):
+    """Loss, metrics and the per-token gradient coefficients [B, T] from launch 1's rows."""
     logp = rows[_SEQ_LOGP].view(B, T)
     loss_terms, coef, kl, low, high = _sequence_terms(logp, inp)
-    grad = None
-    if write_grad:
-        grad = logits.detach() if inp.inplace else torch.empty(logits.shape, dtype=logits.dtype,
-                                                               device=logits.device)
-        _sequence_grad_kernel[(N,)](
-            logits, grad, inp.ids, coef.reshape(N).contiguous(), rows[_SEQ_LSE2], T, V,
-            logits.stride(0), logits.stride(1), grad.stride(0), grad.stride(1),
-            1.0 / inp.temperature, **cfg,
-        )
     n_active = inp.mask_f.sum().clamp(min=1)
     mask_f = inp.mask_f.view(B, T)
-    zero = torch.zeros((), dtype=torch.float32, device=logits.device)
+    zero = torch.zeros((), dtype=torch.float32, device=rows.device)
     low_mean, high_mean = _masked_mean(low, mask_f, n_active), _masked_mean(high, mask_f, n_active)
     outputs = (
         logp,
@@ -368,7 +410,19 @@ def _sequence_forward(logits, inp: _Inputs, write_grad: bool):
         low_mean, high_mean, low_mean + high_mean,
         rows[_SEQ_ENT].sum() / n_active,
     )
-    return loss_terms.sum(), outputs, grad
+    return loss_terms.sum(), outputs, coef
+
+
+def _sequence_forward(logits, inp: _Inputs, write_grad: bool):
+    """Launch 1 (log-probs), the sequence ratio in torch, launch 2 (gradient)."""
+    B, T, _ = logits.shape
+    rows = launch_sequence_logp_kernel(logits, inp)
+    loss, outputs, coef = sequence_outputs(rows, inp, B, T)
+    grad = None
+    if write_grad:
+        grad = _new_grad(logits, inp.inplace)
+        launch_sequence_grad_kernel(logits, grad, inp.ids, coef, rows[_SEQ_LSE2], inp.temperature)
+    return loss, outputs, grad
 
 
 def _forward(logits, inp: _Inputs, write_grad: bool):
@@ -474,19 +528,12 @@ def grpo_loss(
     check_device("grpo_loss", logits, _grpo_token_kernel)
     if logits.stride(-1) != 1:
         raise ValueError(f"logits need a contiguous last dimension, got strides {logits.stride()}")
-    B, T, _ = logits.shape
-    mask = completion_mask != 0
-    inp = _Inputs(
-        ids=completion_ids.reshape(-1),
-        mask=mask,
-        mask_f=mask.reshape(-1).to(torch.float32),
-        advantages=advantages.detach().to(torch.float32).contiguous(),
-        weights=_row_weights(mask, loss_type, max_completion_length, num_items_in_batch),
-        old=None if old_logps is None else old_logps.detach().to(torch.float32).reshape(-1).contiguous(),
-        ref=None if beta <= 0 else ref_logps.detach().to(torch.float32).reshape(-1).contiguous(),
-        beta=float(beta), epsilon_low=float(epsilon_low), epsilon_high=float(epsilon_high),
-        delta=float("inf") if delta is None else float(delta), temperature=float(temperature),
-        level=importance_sampling_level, grad_scale=float(grad_scale), inplace=bool(inplace),
+    inp = build_inputs(
+        completion_ids, advantages, completion_mask, old_logps, ref_logps, beta=beta,
+        epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta, temperature=temperature,
+        loss_type=loss_type, importance_sampling_level=importance_sampling_level,
+        max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
+        inplace=inplace, grad_scale=grad_scale,
     )
     if torch.is_grad_enabled() and logits.requires_grad:
         return GRPOLossOutput(*_GRPOLossFunction.apply(logits, inp))
