@@ -41,7 +41,8 @@ LEVELS = ["token", "sequence"]
 
 def rel_err(got, gold):
     got, gold = got.detach().double().cpu(), gold.detach().double().cpu()
-    return float((got - gold).norm() / max(float(gold.norm()), FLOOR))
+    err = float((got - gold).norm() / max(float(gold.norm()), FLOOR))
+    return err if err == err else float("inf")  # NaN (an unwritten output) fails every bound
 
 
 # --------------------------------------------------------------------------------------------------
