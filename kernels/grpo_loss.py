@@ -304,6 +304,8 @@ def launch_token_kernel(logits, grad, inp: _Inputs) -> torch.Tensor:
     stats = torch.empty(_N_STATS, N, dtype=torch.float32, device=logits.device)
     g = grad if grad is not None else logits  # a valid pointer; never written without WRITE_GRAD
     has_kl = inp.beta > 0
+    if N == 0:  # Triton grids must not be empty
+        return stats
     _grpo_token_kernel[(N,)](
         logits, g, inp.ids, inp.mask_f, inp.advantages, inp.weights,
         inp.old if inp.old is not None else stats, inp.ref if has_kl else stats, stats,
@@ -379,6 +381,8 @@ def launch_sequence_logp_kernel(logits, inp: _Inputs) -> torch.Tensor:
     B, T, V = logits.shape
     N = B * T
     rows = torch.empty(_SEQ_N, N, dtype=torch.float32, device=logits.device)
+    if N == 0:
+        return rows
     _sequence_logp_kernel[(N,)](
         logits, inp.ids, inp.mask_f, rows, T, V, N, logits.stride(0), logits.stride(1),
         1.0 / inp.temperature, **row_config(V, _sequence_logp_kernel),
@@ -389,6 +393,8 @@ def launch_sequence_logp_kernel(logits, inp: _Inputs) -> torch.Tensor:
 def launch_sequence_grad_kernel(logits, grad, ids, coef, lse2, temperature: float) -> None:
     """Launch 2 over logits [B', T', V]: grad = coef * (onehot - softmax(z/T)) per row ([B'*T'] coef)."""
     B, T, V = logits.shape
+    if B * T == 0:
+        return
     _sequence_grad_kernel[(B * T,)](
         logits, grad, ids, coef.reshape(-1).contiguous(), lse2, T, V,
         logits.stride(0), logits.stride(1), grad.stride(0), grad.stride(1),
@@ -434,6 +440,8 @@ def _scale_grad_(grad: torch.Tensor, scale: torch.Tensor) -> None:
     """grad *= scale in place, without reading `scale` on the host."""
     B, T, V = grad.shape
     scale = scale.detach().reshape(1).to(torch.float32)
+    if B * T == 0:
+        return
     _scale_rows_kernel[(B * T,)](grad, scale, T, V, grad.stride(0), grad.stride(1),
                                  **row_config(V, _scale_rows_kernel))
 
@@ -556,6 +564,8 @@ def selective_logps(logits: torch.Tensor, completion_ids: torch.Tensor, temperat
         raise ValueError(f"logits need a contiguous last dimension, got strides {logits.stride()}")
     B, T, V = logits.shape
     out = torch.empty(B, T, dtype=torch.float32, device=logits.device)
+    if B * T == 0:
+        return out
     with torch.no_grad():
         _selective_logps_kernel[(B * T,)](
             logits, completion_ids.reshape(-1), out, T, V, logits.stride(0), logits.stride(1),

@@ -102,6 +102,8 @@ def check_grpo_loss_args(
     if not logits.is_floating_point():
         raise ValueError(f"logits must be floating point (fp32/bf16/fp16), got {logits.dtype}")
     B, T, V = logits.shape
+    if V == 0:
+        raise ValueError("logits have an empty vocabulary dimension (V = 0)")
     hint = f"[B, T, V] = {[B, T, V]}"
     _check_tensor("completion_ids", completion_ids)
     _check_shape("completion_ids", completion_ids, (B, T), hint)

@@ -341,3 +341,11 @@ def test_kernels_compile_for_a_gpu():
     if result.returncode != 0 and "ptxas" in result.stderr and "not found" in result.stderr.lower():
         pytest.skip("Triton's ptxas is not available here")
     assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
+
+
+def test_empty_batch(nan_empty):
+    x = torch.zeros(2, 0, 5, device=DEVICE, requires_grad=True)
+    out = grpo_loss(x, torch.zeros(2, 0, dtype=torch.long, device=DEVICE), torch.zeros(2, device=DEVICE),
+                    torch.zeros(2, 0, device=DEVICE), importance_sampling_level="sequence")
+    out.loss.backward()
+    assert out.loss.item() == 0 and x.grad.shape == x.shape

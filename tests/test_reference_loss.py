@@ -302,6 +302,7 @@ BAD_ARGS = [
     ({"beta": -0.1}, "beta must lie in"),
     ({"logits": torch.zeros(2, 3)}, r"logits must have shape \[B, T, V\]"),
     ({"logits": torch.zeros(2, 3, 5, dtype=torch.long)}, "logits must be floating point"),
+    ({"logits": torch.zeros(2, 3, 0)}, "empty vocabulary"),
     ({"completion_ids": torch.zeros(2, 4, dtype=torch.long)}, r"completion_ids has shape \(2, 4\).*\(2, 3\)"),
     ({"completion_ids": torch.zeros(2, 3)}, "completion_ids must be an integer tensor"),
     ({"advantages": torch.zeros(3)}, r"advantages has shape \(3,\).*\(2,\)"),
