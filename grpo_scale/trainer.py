@@ -33,19 +33,34 @@ logger = logging.getLogger("grpo_scale")
 
 
 def pick_loss_fn(loss_impl: str, device: torch.device):
-    """The GRPO loss function for ``loss_impl``, chosen once (auto: Triton on CUDA, eager elsewhere)."""
-    from grpo_scale.kernels.reference import grpo_loss_reference
+    """(loss function, log-prob function, resolved name) for ``loss_impl``, chosen once.
+
+    auto: the fused Triton kernel on CUDA, the eager reference elsewhere. Triton on CPU runs only under
+    TRITON_INTERPRET=1 (tests); it never silently falls back.
+    """
+    from grpo_scale.kernels.reference import grpo_loss_reference, selective_logps_reference
     if loss_impl == "auto":
         loss_impl = "triton" if device.type == "cuda" else "eager"
     if loss_impl == "eager":
-        return grpo_loss_reference
+        return grpo_loss_reference, selective_logps_reference, "eager"
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError(f"loss_impl: {loss_impl} needs a CUDA device (or TRITON_INTERPRET=1 for tests); "
+                          "use loss_impl: auto or eager on CPU")
+    from grpo_scale.kernels.grpo_loss import grpo_loss, selective_logps
     if loss_impl == "triton":
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ConfigError("loss_impl: triton needs a CUDA device (or TRITON_INTERPRET=1 for tests); "
-                              "use loss_impl: auto or eager on CPU")
-        from grpo_scale.kernels.grpo_loss import grpo_loss
-        return grpo_loss
-    raise ConfigError(f"loss_impl {loss_impl!r} is not available in this build; use eager, auto or triton")
+        return grpo_loss, selective_logps, "triton"
+    from grpo_scale.kernels.fused_linear import fused_linear_grpo_loss
+    return fused_linear_grpo_loss, selective_logps, "fused_linear"
+
+
+def _fused_lm_head_forward(self, hidden, **loss_kwargs):
+    """lm_head.forward for loss_impl fused_linear: plain logits without loss arguments (generation),
+    the fused GRPO loss with them. Running inside the lm_head module keeps ZeRO-3's gather hooks on."""
+    if not loss_kwargs:
+        return torch.nn.functional.linear(hidden, self.weight, self.bias)
+    from grpo_scale.kernels.fused_linear import fused_linear_grpo_loss
+    args = loss_kwargs.pop("args")
+    return fused_linear_grpo_loss(hidden, self.weight, *args, bias=self.bias, **loss_kwargs)
 
 
 def lr_lambda(cfg: GRPOConfig):
@@ -79,7 +94,11 @@ class GRPOTrainer:
         self.reward_funcs = get_reward_funcs(self.cfg.reward_funcs)
         self.reward_names = [getattr(f, "__name__", str(i)) for i, f in enumerate(self.reward_funcs)]
         self.reward_weights = self.cfg.reward_weights or [1.0] * len(self.reward_funcs)
-        self.loss_fn = pick_loss_fn(self.cfg.loss_impl, self.acc.device)
+        self.loss_fn, self.logps_fn, self.loss_impl = pick_loss_fn(self.cfg.loss_impl, self.acc.device)
+        if self.loss_impl == "fused_linear":
+            import types
+            head = self.acc.unwrap_model(self.model).get_output_embeddings()
+            head.forward = types.MethodType(_fused_lm_head_forward, head)
         self.resumed_from = ckpt.resolve_resume(self.cfg.output_dir, self.cfg.resume_from_checkpoint)
         if self.resumed_from is not None:
             self._load_checkpoint(self.resumed_from)
@@ -213,14 +232,23 @@ class GRPOTrainer:
         out = model(input_ids=input_ids, attention_mask=attn, position_ids=position_ids, logits_to_keep=T + 1)
         return out.logits[:, :-1]
 
+    def _hidden(self, model, rb: Rollout) -> tuple[torch.Tensor, torch.nn.Module]:
+        """Last hidden states [N, T, H] of the completion positions, and the lm_head module."""
+        inner = self.acc.unwrap_model(model)
+        input_ids = torch.cat([rb.prompt_ids, rb.completion_ids], dim=1)
+        attn = torch.cat([rb.prompt_mask, rb.attention_mask], dim=1)
+        position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
+        T = rb.completion_ids.shape[1]
+        hidden = inner.get_decoder()(input_ids=input_ids, attention_mask=attn, position_ids=position_ids).last_hidden_state
+        return hidden[:, -T - 1:-1], inner.get_output_embeddings()
+
     @torch.no_grad()
     def _logps(self, model, rollout: Rollout) -> torch.Tensor:
-        from grpo_scale.kernels.reference import selective_logps_reference
         mb = self.cfg.per_device_train_batch_size
         parts = []
         for s in range(0, len(rollout), mb):
             rb = rollout.select(slice(s, s + mb))
-            parts.append(selective_logps_reference(self._logits(model, rb), rb.completion_ids, self.cfg.temperature))
+            parts.append(self.logps_fn(self._logits(model, rb), rb.completion_ids, self.cfg.temperature))
         return torch.cat(parts)
 
     # ================================================================== one step
@@ -287,17 +315,11 @@ class GRPOTrainer:
                 idx = slice(s, s + mb)
                 rb = rollout.select(idx)
                 with acc.accumulate(self.model):
-                    logits = self._logits(self.model, rb)
-                    out = self.loss_fn(
-                        logits, rb.completion_ids, batch["advantages"][idx], rb.completion_mask,
-                        None if batch["old_logps"] is None else batch["old_logps"][idx],
-                        None if batch["ref_logps"] is None else batch["ref_logps"][idx],
-                        beta=cfg.beta, epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high, delta=cfg.delta,
-                        temperature=cfg.temperature, loss_type=cfg.loss_type,
-                        importance_sampling_level=cfg.importance_sampling_level,
-                        max_completion_length=cfg.max_completion_length,
-                        num_items_in_batch=batch["num_items_in_batch"])
-                    acc.backward(out.loss)
+                    out = self._micro_loss(rb, batch, idx)
+                    # The loss function folds 1/GA into the gradient it stores, and backward runs on
+                    # loss * GA, which Accelerate/DeepSpeed divide by GA again: the upstream gradient is
+                    # exactly 1, so the fused kernels' backward moves no logits bytes.
+                    acc.backward(out.loss * cfg.gradient_accumulation_steps)
                     if acc.sync_gradients and self.zero_stage == 0 and cfg.max_grad_norm > 0:
                         gn = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
                         sums["grad_norm"] += float(gn)
@@ -318,6 +340,23 @@ class GRPOTrainer:
         m["time/train_s"] = time.perf_counter() - t0
         m["lr"] = self.scheduler.get_last_lr()[0]
         return m
+
+    def _micro_loss(self, rb: Rollout, batch: dict, idx: slice):
+        cfg = self.cfg
+        args = (rb.completion_ids, batch["advantages"][idx], rb.completion_mask,
+                None if batch["old_logps"] is None else batch["old_logps"][idx],
+                None if batch["ref_logps"] is None else batch["ref_logps"][idx])
+        kwargs = dict(beta=cfg.beta, epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high, delta=cfg.delta,
+                      temperature=cfg.temperature, loss_type=cfg.loss_type,
+                      importance_sampling_level=cfg.importance_sampling_level,
+                      max_completion_length=cfg.max_completion_length,
+                      num_items_in_batch=batch["num_items_in_batch"],
+                      grad_scale=1.0 / cfg.gradient_accumulation_steps)
+        if self.loss_impl == "fused_linear":
+            hidden, head = self._hidden(self.model, rb)
+            return head(hidden, args=args, **kwargs)  # inside lm_head: ZeRO-3 gathers its weight
+        logits = self._logits(self.model, rb)
+        return self.loss_fn(logits, *args, inplace=self.loss_impl == "triton", **kwargs)
 
     # ================================================================== evaluation
     @torch.no_grad()
