@@ -11,22 +11,40 @@ On 2 processes with DeepSpeed ZeRO-2 (CPU or GPUs; set num_processes in the YAML
 
 Multi-node: accelerate_configs/multinode.yaml, run once per node with --machine_rank set.
 Any config field can be overridden: ``train.py --config FILE --max_steps 10 --learning_rate 1e-5``.
+Checkpoints every ``--save_steps N``; continue a killed run with ``--resume_from_checkpoint latest``.
 """
+import os
 import sys
 
 from grpo_scale.config import ConfigError, load_config
 
 
+def _error(message: str) -> None:
+    if os.environ.get("RANK", "0") == "0":  # once, not once per rank
+        print(f"error: {message}", file=sys.stderr)
+
+
 def main(argv=None) -> int:
+    """Exit codes: 0 done, 2 configuration or input problem (nothing trained), 3 stopped by itself
+    after too many non-finite steps (a checkpoint was saved)."""
     try:
         cfg = load_config(argv)
+        # Checks that need no model, before the heavy imports: the launcher has set WORLD_SIZE
+        cfg.check_world(int(os.environ.get("WORLD_SIZE", "1")))
+        cfg.check_paths()
         from grpo_scale.trainer import GRPOTrainer
         trainer = GRPOTrainer(cfg)
         trainer.setup()
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except ConfigError as e:
+        _error(str(e))
         return 2
-    summary = trainer.train()
+    from grpo_scale.trainer import TrainingAborted
+    try:
+        summary = trainer.train()
+    except TrainingAborted as e:
+        _error(str(e))
+        trainer.acc.end_training()
+        return 3
     trainer.save(summary)
     if trainer.acc.is_main_process:
         print(f"done: {summary['steps']} steps in {summary['wall_seconds']:.0f}s; held-out accuracy "

@@ -1,25 +1,47 @@
 """Atomic checkpoints in HF Trainer's layout: OUTPUT_DIR/checkpoint-STEP/.
 
-Every rank writes into ``checkpoint-STEP.tmp`` (Accelerate's ``save_state``: model, optimiser,
-scheduler, per-rank RNG, DeepSpeed shards), rank 0 adds ``trainer_state.json`` and renames the
-folder once every rank has finished. A kill during a save leaves a ``.tmp`` folder that is never picked
-up on resume, and the previous checkpoint intact.
+A checkpoint holds Accelerate's ``save_state`` output (model, optimiser and scheduler state, one
+``random_states_RANK.pkl`` per rank, DeepSpeed's ZeRO shards) plus ``trainer_state.json`` (step, data
+position, metric history, ...). The write protocol, collective over all ranks:
+
+1. every rank writes into ``checkpoint-STEP.tmp``;
+2. once all have finished, the local main process of every node flushes the folder to disk and writes
+   ``trainer_state.json`` (atomically: temporary file, then rename);
+3. rank 0 renames ``checkpoint-STEP.tmp`` to ``checkpoint-STEP``. Nodes that do not share the file
+   system rename their own copy afterwards.
+
+A checkpoint is *complete* when its folder is named ``checkpoint-STEP`` and holds ``trainer_state.json``.
+A kill at any point leaves either the previous complete checkpoints untouched plus a ``.tmp`` folder, or
+the new checkpoint complete; resume never picks a ``.tmp`` folder or a folder without the state file.
+
+Checkpoint files other than ``model.safetensors`` are pickles (optimiser, RNG, scheduler, DeepSpeed
+shards): resume only from checkpoints your own runs wrote.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
 from pathlib import Path
 from typing import Optional
 
+from grpo_scale.config import ConfigError
+
+logger = logging.getLogger(__name__)
+
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
+TMP_SUFFIX = ".tmp"
+STATE_VERSION = 1
 
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints (with trainer_state.json), oldest first; .tmp folders are ignored."""
+    """Complete checkpoints (named checkpoint-STEP, with trainer_state.json), oldest first.
+
+    ``.tmp`` folders of interrupted saves and folders without the state file are ignored.
+    """
     root = Path(output_dir)
     if not root.is_dir():
         return []
@@ -31,47 +53,123 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def resolve_resume(output_dir: str, resume: Optional[str]) -> Optional[Path]:
-    """The checkpoint to resume from: None, 'latest' (newest complete one, or None if there is none) or a path."""
+def resolve_resume(output_dir: str | os.PathLike, resume: Optional[str]) -> Optional[Path]:
+    """The checkpoint to resume from.
+
+    resume: None or "" (start from scratch), ``"latest"`` (the newest complete checkpoint in
+    ``output_dir``, or None when there is none yet, so a restarted job starts cleanly), or a path to a
+    complete ``checkpoint-STEP`` folder. Raises ConfigError for a path that is not one.
+    """
     if not resume:
         return None
     if resume == "latest":
         ckpts = list_checkpoints(output_dir)
         return ckpts[-1] if ckpts else None
     path = Path(resume)
+    if path.name.endswith(TMP_SUFFIX):
+        raise ConfigError(f"resume_from_checkpoint: {path} is an unfinished save (a .tmp folder left by a "
+                          "killed run); use 'latest' or a complete checkpoint-STEP folder")
+    if not path.is_dir():
+        raise ConfigError(f"resume_from_checkpoint: {path} does not exist; use 'latest' or a checkpoint-STEP folder")
     if not (path / STATE_FILE).is_file():
-        raise FileNotFoundError(f"resume_from_checkpoint: {path} is not a complete checkpoint "
-                                f"(no {STATE_FILE}); use 'latest' or a checkpoint-STEP folder")
+        inside = list_checkpoints(path)
+        hint = (f"; it holds checkpoints ({inside[-1].name} is the newest): pass that folder, or set "
+                f"output_dir to it and use 'latest'") if inside else "; use 'latest' or a checkpoint-STEP folder"
+        raise ConfigError(f"resume_from_checkpoint: {path} is not a complete checkpoint (no {STATE_FILE}){hint}")
     return path
 
 
-def save_checkpoint(accelerator, output_dir: str, step: int, trainer_state: dict,
+def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, trainer_state: dict,
                     save_total_limit: Optional[int] = None) -> Path:
-    """Collective: every rank must call it. Returns the final checkpoint path."""
-    final = Path(output_dir) / f"checkpoint-{step}"
-    tmp = Path(output_dir) / f"checkpoint-{step}.tmp"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a killed save
+    """Write ``OUTPUT_DIR/checkpoint-{step}`` atomically. Collective: every rank must call it.
+
+    trainer_state: JSON-serialisable dict, identical on every rank (written by each node's local main
+    process). save_total_limit: keep only the newest this many complete checkpoints. Returns the path.
+    """
+    root = Path(output_dir)
+    final = root / f"checkpoint-{step}"
+    tmp = root / f"checkpoint-{step}{TMP_SUFFIX}"
+    if accelerator.is_local_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(f"checkpoint-*{TMP_SUFFIX}"):  # leftovers of killed saves
+            shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
+    if accelerator.is_local_main_process:
+        _fsync_tree(tmp)  # the rename must not reach the disk before the files it publishes
+        _write_json_atomic(tmp / STATE_FILE, {"version": STATE_VERSION, **trainer_state})
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        state_path = tmp / STATE_FILE
-        state_path.write_text(json.dumps(trainer_state, indent=1))
-        _fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        _publish(tmp, final)
+    accelerator.wait_for_everyone()
+    if accelerator.is_local_main_process:
+        if tmp.exists():  # a node that does not share rank 0's file system publishes its own copy
+            _publish(tmp, final)
         if save_total_limit:
-            for old in list_checkpoints(output_dir)[:-save_total_limit]:
+            for old in list_checkpoints(root)[:-save_total_limit]:
                 shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
+    logger.info("saved checkpoint %s", final)
     return final
 
 
-def load_trainer_state(path: Path) -> dict:
+def load_trainer_state(path: str | os.PathLike) -> dict:
+    """The ``trainer_state.json`` of a checkpoint folder, as a dict."""
     return json.loads((Path(path) / STATE_FILE).read_text())
+
+
+def check_compatible(state: dict, path: Path, *, num_processes: int, zero_stage: int, seed: int) -> None:
+    """Raise ConfigError when this launch cannot continue the run that wrote ``state`` exactly.
+
+    Optimiser shards and per-rank RNG states are per process, and the data stream is seeded: resuming
+    needs the same number of processes, ZeRO stage and seed.
+    """
+    saved = {"num_processes": state.get("num_processes", num_processes),
+             "zero_stage": state.get("zero_stage", zero_stage), "seed": state.get("seed", seed)}
+    now = {"num_processes": num_processes, "zero_stage": zero_stage, "seed": seed}
+    diff = [f"{k} {saved[k]} (checkpoint) vs {now[k]} (this run)" for k in now if saved[k] != now[k]]
+    if diff:
+        raise ConfigError(f"cannot resume from {path}: {'; '.join(diff)}. Launch with the same accelerate "
+                          "config (num_processes, zero_stage) and seed as the run that wrote it")
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename ``tmp`` to ``final``, replacing an older folder of the same name (os.replace cannot
+    replace a non-empty folder, so the old one is first moved aside under a name resume ignores)."""
+    if final.exists():
+        aside = final.with_name(final.name + ".replaced" + TMP_SUFFIX)
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(final, aside)
+        os.replace(tmp, final)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    part = path.with_name(f".{path.name}.{os.getpid()}.part")
+    with open(part, "w") as f:
+        json.dump(data, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(part, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            try:
+                fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
 
 
 def _fsync_dir(path: Path) -> None:
@@ -81,5 +179,7 @@ def _fsync_dir(path: Path) -> None:
         return
     try:
         os.fsync(fd)
+    except OSError:  # some file systems do not support fsync on directories
+        pass
     finally:
         os.close(fd)

@@ -105,6 +105,8 @@ class GRPOConfig:
     seed: int = _f(42, "Seed of sampling, data order and initialisation.")
     cpu_threads: int = _f(0, "torch threads per process when training on CPU (0: cores / local processes). "
                           "Small models run fastest with 1.")
+    max_bad_steps: int = _f(5, "A step whose loss or gradient norm is not finite is skipped (no optimiser "
+                            "update); after this many in a row the run saves a checkpoint and stops.")
 
     # ------------------------------------------------------------------ outputs
     output_dir: str = _f("outputs/tiny-math", "Where logs, checkpoints, summary.json and final/ go.")
@@ -134,7 +136,7 @@ class GRPOConfig:
         need(self.num_generations >= 2, f"num_generations must be >= 2 (a group needs two completions to compare), "
              f"got {self.num_generations}")
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_steps", "num_iterations",
-                     "max_completion_length", "eval_batch_size", "logging_steps"):
+                     "max_completion_length", "eval_batch_size", "logging_steps", "max_bad_steps"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("eval_size", "eval_steps", "save_steps", "top_k", "cpu_threads"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
@@ -177,6 +179,44 @@ class GRPOConfig:
                 f"the global batch per_device_train_batch_size ({self.per_device_train_batch_size}) x processes "
                 f"({num_processes}) x gradient_accumulation_steps ({self.gradient_accumulation_steps}) = "
                 f"{global_batch} is not divisible by num_generations ({self.num_generations}): change one of them")
+
+    def check_paths(self) -> None:
+        """Checks of the files this run reads, made before any model is loaded: the model folder (with
+        safetensors weights), the data files, and the checkpoint to resume from. Raises ConfigError."""
+        self._check_model_path()
+        for name in ("dataset_path", "eval_dataset_path"):
+            value = getattr(self, name)
+            if value and not Path(value).exists():
+                raise ConfigError(f"{name}: {value} does not exist; give a .jsonl, .json or .parquet file or a "
+                                  "datasets folder")
+        from grpo_scale.checkpoint import resolve_resume  # checkpoint imports this module
+        resolve_resume(self.output_dir, self.resume_from_checkpoint)
+
+    def _check_model_path(self) -> None:
+        path = self.resolved_model_path
+        if self.model_name_or_path.startswith(EMBEDDED_PREFIX) and not Path(path).is_dir():
+            raise ConfigError(f"the embedded model {self.model_name_or_path} is missing at {path}; build it with "
+                              f"`python -m grpo_scale.tiny --output_dir {path}`")
+        local = Path(path)
+        # 'org/name' is a Hub name unless such a folder exists; anything else with a separator is a path
+        looks_local = local.exists() or path.startswith((".", os.sep)) or path.count("/") > 1 or (
+            os.sep != "/" and os.sep in path)
+        if not looks_local:
+            return
+        if not local.is_dir():
+            raise ConfigError(f"model_name_or_path: {path} is not a directory; pass a model folder (config.json "
+                              "and model.safetensors) or a Hub name such as Qwen/Qwen2.5-0.5B-Instruct")
+        if not (local / "config.json").is_file():
+            raise ConfigError(f"model_name_or_path: {path} is not a model folder (no config.json)")
+        if not any(local.glob("*.safetensors")):
+            pickles = sorted(p.name for p in local.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"))
+            if pickles:
+                raise ConfigError(
+                    f"model_name_or_path: {path} holds its weights only as pickle files ({', '.join(pickles[:3])}). "
+                    "Loading a pickle can run arbitrary code, so grpo-scale reads safetensors only. If you trust "
+                    "the files, convert them once: AutoModelForCausalLM.from_pretrained(DIR, use_safetensors=False)"
+                    ".save_pretrained(DIR) writes model.safetensors")
+            raise ConfigError(f"model_name_or_path: {path} has no model weights (model.safetensors)")
 
     @property
     def resolved_model_path(self) -> str:

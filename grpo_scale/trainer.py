@@ -8,6 +8,7 @@ times. Batch sizes and loss normalisers have TRL's meaning.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -25,11 +26,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from grpo_scale import checkpoint as ckpt
 from grpo_scale.config import ConfigError, GRPOConfig
-from grpo_scale.rewards import correctness_reward, get_reward_funcs
+from grpo_scale.rewards import check_reward_columns, correctness_reward, get_reward_funcs
 from grpo_scale.rollout import Rollout, generate, group_advantages, score
 from grpo_scale.tasks import ProblemStream, make_eval_set, render_prompt
 
 logger = logging.getLogger("grpo_scale")
+
+
+class TrainingAborted(RuntimeError):
+    """The run stopped itself (too many non-finite steps in a row) after saving a checkpoint."""
 
 
 def pick_loss_fn(loss_impl: str, device: torch.device):
@@ -63,6 +68,45 @@ def _fused_lm_head_forward(self, hidden, **loss_kwargs):
     return fused_linear_grpo_loss(hidden, self.weight, *args, bias=self.bias, **loss_kwargs)
 
 
+def guard_reward(fn, name: str, max_logged: int = 3):
+    """``fn`` for the trainer: when a call over the batch raises, the items are scored one at a time, so
+    one bad item costs only its own score. Items that raise are logged (function, error, the prompt and
+    completion, escaped and truncated: model output is untrusted) and returned as None (missing).
+    Keeps ``fn``'s name and signature (``functools.wraps``)."""
+    @functools.wraps(fn)
+    def guarded(prompts, completions, **columns):
+        try:
+            return fn(prompts=prompts, completions=completions, **columns)
+        except Exception as batch_error:  # noqa: BLE001 - user code; find the items that fail
+            first_error = batch_error
+        out, failed = [], 0
+        for i, (prompt, completion) in enumerate(zip(prompts, completions)):
+            try:
+                one = list(fn(prompts=[prompt], completions=[completion], **{k: [v[i]] for k, v in columns.items()}))
+                if len(one) != 1:
+                    raise ValueError(f"returned {len(one)} rewards for 1 completion")
+                out.append(one[0])
+            except Exception as e:  # noqa: BLE001
+                failed += 1
+                if failed <= max_logged:
+                    logger.warning("reward %s raised %s: %s on item %d (scored as missing) | prompt %s | "
+                                   "completion %s", name, type(e).__name__, _clip(e), i, _clip(prompt), _clip(completion))
+                out.append(None)
+        if failed > max_logged:
+            logger.warning("reward %s raised on %d more item(s) of this batch (scored as missing)", name,
+                           failed - max_logged)
+        if not failed:  # the batch call failed but no single item does: the batch is the problem
+            logger.warning("reward %s raised %s: %s on the batch, not on any single item; scored item by item",
+                           name, type(first_error).__name__, _clip(first_error))
+        return out
+    return guarded
+
+
+def _clip(x, n: int = 200) -> str:
+    text = repr(x) if isinstance(x, str) else repr(str(x))  # repr escapes control characters
+    return text if len(text) <= n else text[:n] + "...'"
+
+
 def lr_lambda(cfg: GRPOConfig):
     warmup = int(round(cfg.warmup_ratio * cfg.max_steps))
 
@@ -81,29 +125,35 @@ def lr_lambda(cfg: GRPOConfig):
 class GRPOTrainer:
     def __init__(self, cfg: GRPOConfig):
         self.cfg = cfg
-        self.step = 0                        # optimiser steps done
+        self.step = 0                        # optimiser steps done (skipped ones included)
         self.history: list[dict] = []        # logged metrics, one dict per logging step
+        self.window: list[dict] = []         # per-step metrics not logged yet (logging_steps > 1)
+        self.eval_before: Optional[dict] = None
+        self.skipped_steps = 0               # steps skipped for a non-finite loss or gradient norm
+        self.bad_in_a_row = 0
         self.timings: dict[str, float] = defaultdict(float)
 
     # ================================================================== setup
     def setup(self) -> None:
+        """Everything the run needs, cheapest checks first: a bad path, data set or reward fails before
+        any model is loaded. Restores the checkpoint last, so its RNG states win over the seeding."""
+        self.cfg.check_paths()
         self._setup_accelerator()
+        self.resumed_from = self._resolve_resume()
+        self._setup_data()
+        self._setup_rewards()
         self._setup_model()
         self._setup_optimizer()
-        self._setup_data()
-        self.reward_funcs = get_reward_funcs(self.cfg.reward_funcs)
-        self.reward_names = [getattr(f, "__name__", str(i)) for i, f in enumerate(self.reward_funcs)]
-        self.reward_weights = self.cfg.reward_weights or [1.0] * len(self.reward_funcs)
         self.loss_fn, self.logps_fn, self.loss_impl = pick_loss_fn(self.cfg.loss_impl, self.acc.device)
         if self.loss_impl == "fused_linear":
             import types
             head = self.acc.unwrap_model(self.model).get_output_embeddings()
             head.forward = types.MethodType(_fused_lm_head_forward, head)
-        self.resumed_from = ckpt.resolve_resume(self.cfg.output_dir, self.cfg.resume_from_checkpoint)
         if self.resumed_from is not None:
             self._load_checkpoint(self.resumed_from)
         if self.cfg.report_to == "tensorboard":
-            # purge_step drops events a killed run logged after its last checkpoint, so curves continue cleanly
+            # purge_step: TensorBoard drops the events a killed run logged after its last checkpoint (steps
+            # >= purge_step in older files), so resumed curves have no duplicate steps.
             self.acc.init_trackers("tensorboard", config=_flat_hparams(self.cfg.to_dict()),
                                    init_kwargs={"tensorboard": {"purge_step": self.step + 1}})
 
@@ -121,6 +171,7 @@ class GRPOTrainer:
         self.acc.gradient_accumulation_steps = cfg.gradient_accumulation_steps  # the training config decides
         cfg.check_world(self.acc.num_processes)
         ds = self.acc.state.deepspeed_plugin
+        self.deepspeed = ds is not None
         self.zero_stage = 0
         if ds is not None:
             # No DataLoader goes through prepare(): DeepSpeed's batch fields come from the training config.
@@ -130,6 +181,8 @@ class GRPOTrainer:
             conf["train_batch_size"] = (cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
                                         * self.acc.num_processes)
             conf["gradient_clipping"] = cfg.max_grad_norm
+            if cfg.bf16:  # DeepSpeed's overflow check is how a non-finite step is dropped (see grpo_step)
+                conf.setdefault("bf16", {})["check_grad_overflow"] = True
             self.zero_stage = int(conf.get("zero_optimization", {}).get("stage", 0))
         if self.acc.device.type == "cpu":
             # Idle OpenMP threads spin at barriers: oversubscribed cores stall small models for seconds.
@@ -138,6 +191,26 @@ class GRPOTrainer:
         set_seed(cfg.seed)
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                             level=logging.INFO if self.acc.is_main_process else logging.WARNING)
+
+    def _resolve_resume(self) -> Optional[Path]:
+        """The checkpoint to continue from, chosen by rank 0 and broadcast, so all ranks load the same one."""
+        from accelerate.utils import broadcast_object_list
+        cfg = self.cfg
+        choice = [None]
+        if self.acc.is_main_process:
+            path = ckpt.resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint)
+            choice = [str(path) if path else None]
+            existing = ckpt.list_checkpoints(cfg.output_dir)
+            if cfg.resume_from_checkpoint == "latest" and path is None:
+                logger.info("resume_from_checkpoint: latest: no complete checkpoint in %s yet; starting from "
+                            "scratch", cfg.output_dir)
+            elif path is None and existing:
+                logger.warning("%s already holds checkpoints (newest: %s); this run starts from scratch and "
+                               "overwrites them. To continue that run, pass --resume_from_checkpoint latest",
+                               cfg.output_dir, existing[-1].name)
+        if self.acc.num_processes > 1:
+            broadcast_object_list(choice)
+        return Path(choice[0]) if choice[0] else None
 
     def _load_model(self, path: str):
         cfg = self.cfg
@@ -150,6 +223,8 @@ class GRPOTrainer:
                     attn = "flash_attention_2"
                 except ImportError:
                     pass
+        # safetensors only (a pickle can run code when loaded); model code from the repository only when
+        # the user allowed it with trust_remote_code
         return AutoModelForCausalLM.from_pretrained(
             path, dtype=torch.float32, attn_implementation=attn, trust_remote_code=cfg.trust_remote_code,
             use_safetensors=True)
@@ -157,22 +232,23 @@ class GRPOTrainer:
     def _setup_model(self) -> None:
         cfg = self.cfg
         path = cfg.resolved_model_path
-        if cfg.model_name_or_path.startswith("embedded:") and not Path(path).is_dir():
-            raise ConfigError(f"the embedded model {cfg.model_name_or_path} is missing at {path}; build it with "
-                              f"`python -m grpo_scale.tiny --output_dir {path}`")
-        if (path.startswith((".", "/")) or os.sep in path and path.count("/") != 1) and not Path(path).is_dir():
-            raise ConfigError(f"model_name_or_path: {path} is not a directory")
-        self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+            model = self._load_model(path)
+            self.ref_model = self._load_model(path) if cfg.beta > 0 else None  # a frozen copy of the start
+        except (OSError, ValueError) as e:  # missing files, Hub errors, custom code without trust_remote_code
+            raise ConfigError(f"model_name_or_path: cannot load {path}: {e}") from None
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        model = self._load_model(path)
+        if not getattr(self.tokenizer, "chat_template", None):
+            logger.warning("the tokenizer of %s has no chat template: prompts use the plain fallback "
+                           "'SYSTEM\\n\\nUser: QUESTION\\nAssistant:' (grpo_scale.tasks.prompts.render_prompt)", path)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False  # training forwards; generation turns the cache on explicitly
         self.model = model
-        self.ref_model = None
-        if cfg.beta > 0:  # a frozen copy of the starting policy
-            self.ref_model = self._load_model(path).to(self.acc.device).eval().requires_grad_(False)
+        if self.ref_model is not None:
+            self.ref_model = self.ref_model.to(self.acc.device).eval().requires_grad_(False)
             if cfg.bf16:
                 self.ref_model.to(torch.bfloat16)
 
@@ -191,9 +267,13 @@ class GRPOTrainer:
         if cfg.dataset_path:
             from grpo_scale.tasks.data import load_rows
             from grpo_scale.tasks.stream import RowStream
-            rows = load_rows(cfg.dataset_path)
-            if cfg.eval_dataset_path:
-                self.eval_rows = load_rows(cfg.eval_dataset_path)[:cfg.eval_size]
+            try:
+                rows = load_rows(cfg.dataset_path)
+                eval_rows = load_rows(cfg.eval_dataset_path) if cfg.eval_dataset_path else None
+            except ValueError as e:  # names the file, the line or row, and the fix
+                raise ConfigError(f"data: {e}") from None
+            if eval_rows is not None:
+                self.eval_rows = eval_rows[:cfg.eval_size]
                 train_rows = rows
             else:  # hold out the last eval_size rows of a seeded shuffle
                 order = list(range(len(rows)))
@@ -203,10 +283,25 @@ class GRPOTrainer:
                 self.eval_rows = [rows[i] for i in order[len(rows) - n_eval:]]
                 train_rows = [rows[i] for i in order[:len(rows) - n_eval]]
             self.stream = RowStream(train_rows, cfg.seed)
+            self.columns = [k for k in train_rows[0] if k != "prompt"]
         else:
             self.eval_rows = make_eval_set(cfg.task_mix, cfg.task_level, cfg.eval_size, cfg.eval_seed)
             self.stream = ProblemStream(cfg.task_mix, cfg.task_level, cfg.seed,
                                         exclude={r["prompt"] for r in self.eval_rows})
+            self.columns = ["answer", "task", "level", "solution"]
+
+    def _setup_rewards(self) -> None:
+        """The reward functions, each guarded so that an item that raises is scored as missing."""
+        cfg = self.cfg
+        try:
+            funcs = get_reward_funcs(cfg.reward_funcs)
+            names = [getattr(f, "__name__", str(i)) for i, f in enumerate(funcs)]
+            check_reward_columns(funcs, names, self.columns)
+        except ValueError as e:
+            raise ConfigError(f"reward_funcs: {e}") from None
+        self.reward_names = names
+        self.reward_funcs = [guard_reward(f, n) for f, n in zip(funcs, names)]
+        self.reward_weights = cfg.reward_weights or [1.0] * len(funcs)
 
     # ================================================================== helpers
     @contextlib.contextmanager
@@ -304,42 +399,93 @@ class GRPOTrainer:
         return batch
 
     def grpo_step(self, batch: dict) -> dict:
-        """num_iterations optimiser steps on one rollout, each over gradient_accumulation_steps micro-batches."""
+        """num_iterations optimiser steps on one rollout, each over gradient_accumulation_steps micro-batches.
+
+        A step whose loss (on any rank, any micro-batch) or gradient norm is not finite is skipped on every
+        rank: no optimiser update; it is counted, logged, and still advances ``self.step`` and the
+        learning-rate schedule (the rollout was consumed).
+        """
         cfg, acc = self.cfg, self.acc
         rollout, mb = batch["rollout"], cfg.per_device_train_batch_size
         sums: dict[str, float] = defaultdict(float)
-        n = 0
+        n = skipped = 0
         t0 = time.perf_counter()
         for _ in range(cfg.num_iterations):
+            bad = False
             for s in range(0, len(rollout), mb):
                 idx = slice(s, s + mb)
                 rb = rollout.select(idx)
                 with acc.accumulate(self.model):
                     out = self._micro_loss(rb, batch, idx)
+                    bad = bad or not self._finite_on_all_ranks(out.loss)
                     # The loss function folds 1/GA into the gradient it stores, and backward runs on
                     # loss * GA, which Accelerate/DeepSpeed divide by GA again: the upstream gradient is
                     # exactly 1, so the fused kernels' backward moves no logits bytes.
-                    acc.backward(out.loss * cfg.gradient_accumulation_steps)
-                    if acc.sync_gradients and self.zero_stage == 0 and cfg.max_grad_norm > 0:
-                        gn = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-                        sums["grad_norm"] += float(gn)
-                    self.optimizer.step()
-                    self.optimizer.zero_grad()
+                    loss = out.loss * cfg.gradient_accumulation_steps
+                    if bad:
+                        # Poison the gradient rather than skip the backward: every rank still runs its
+                        # collectives, and the non-finite check at the boundary (DeepSpeed's overflow
+                        # check, or the grad norm below) then drops the whole accumulated step everywhere.
+                        loss = loss * float("nan")
+                    acc.backward(loss)
+                    if acc.sync_gradients:
+                        bad = self._finish_step(bad, sums)
                 for key in ("loss", "kl_mean", "clip_ratio_low", "clip_ratio_high", "clip_ratio_region",
                             "entropy_mean"):
                     sums[key] += float(getattr(out, key).detach())
                 n += 1
-            if self.zero_stage:
-                gn = self.model.get_global_grad_norm()
-                if gn is not None:
-                    sums["grad_norm"] += float(gn)
+            skipped += bad
+            self._count_bad_step(bad)
             self.scheduler.step()
             self.step += 1
         m = {k: v / (n if k != "grad_norm" else cfg.num_iterations) for k, v in sums.items()}
         m = {k: float(acc.reduce(torch.tensor(v, device=acc.device), "mean")) for k, v in m.items()}
+        m["skipped_step"] = skipped / cfg.num_iterations
         m["time/train_s"] = time.perf_counter() - t0
         m["lr"] = self.scheduler.get_last_lr()[0]
         return m
+
+    def _finite_on_all_ranks(self, loss: torch.Tensor) -> bool:
+        """True when the loss is finite on every rank (one small all-reduce), so all ranks decide alike."""
+        flag = torch.tensor(0.0 if bool(torch.isfinite(loss.detach()).all()) else 1.0, device=self.acc.device)
+        return float(self.acc.reduce(flag, "sum")) == 0.0
+
+    def _finish_step(self, bad: bool, sums: dict) -> bool:
+        """The optimiser step at an accumulation boundary, unless ``bad`` or the gradient norm is not
+        finite. Returns whether the step was bad (skipped)."""
+        cfg = self.cfg
+        if self.deepspeed:  # acc.backward has already run engine.step(), which drops non-finite steps
+            applied = self.model.was_step_applied()
+            gn = self.model.get_global_grad_norm()
+            if gn is not None:
+                sums["grad_norm"] += float(gn)
+            if bad and applied:
+                raise RuntimeError("DeepSpeed applied an optimiser step with non-finite gradients: this DeepSpeed "
+                                   "optimiser does not check for overflow; use ZeRO stage 2 or 3")
+            # fp16: the loss scaler skips overflowing steps as routine, so they do not count as bad
+            return bad or (not applied and not cfg.fp16)
+        # max_grad_norm 0: clip at infinity, which only measures the norm
+        gn = float(self.acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm or float("inf")))
+        sums["grad_norm"] += gn
+        if self.acc.scaler is None:
+            bad = bad or not math.isfinite(gn)
+            if not bad:
+                self.optimizer.step()
+        else:  # the GradScaler skips non-finite gradients itself (and lowers its scale)
+            self.optimizer.step()
+        self.optimizer.zero_grad()
+        return bad
+
+    def _count_bad_step(self, bad: bool) -> None:
+        if not bad:
+            self.bad_in_a_row = 0
+            return
+        self.skipped_steps += 1
+        self.bad_in_a_row += 1
+        if self.acc.is_main_process:  # every rank took the same decision: say it once
+            logger.warning("step %d skipped: non-finite loss or gradient norm (%d in a row, %d in total; the "
+                           "run stops after max_bad_steps=%d in a row)", self.step + 1, self.bad_in_a_row,
+                           self.skipped_steps, self.cfg.max_bad_steps)
 
     def _micro_loss(self, rb: Rollout, batch: dict, idx: slice):
         cfg = self.cfg
@@ -395,14 +541,14 @@ class GRPOTrainer:
 
     # ================================================================== training loop
     def train(self) -> dict:
+        """Steps until max_steps (from the restored step when resumed); returns the run summary.
+
+        Raises TrainingAborted, after saving a checkpoint, when max_bad_steps steps in a row were skipped.
+        """
         cfg, acc = self.cfg, self.acc
         wall0 = time.perf_counter()
-        before = getattr(self, "history_eval_before", None) or self.evaluate()
-        self.history_eval_before = before
-        logger.info("eval before training: %s", before)
-        acc.log({f"eval/{k}": v for k, v in before.items()}, step=self.step)
+        before = self._evaluate_before()
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not acc.is_main_process, desc="grpo")
-        window: list[dict] = []
         t_train = time.perf_counter()
         while self.step < cfg.max_steps:
             t0 = time.perf_counter()
@@ -411,17 +557,16 @@ class GRPOTrainer:
             step_time = time.perf_counter() - t0
             metrics["time/step_s"] = step_time
             metrics["tokens_per_s"] = metrics.pop("tokens") / step_time
-            window.append(metrics)
+            metrics["skipped_steps_total"] = float(self.skipped_steps)
+            self.window.append(metrics)
             bar.update(cfg.num_iterations)
             bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", loss=f"{metrics['loss']:.4f}")
-            if self.step % cfg.logging_steps == 0 or self.step >= cfg.max_steps:
-                logged = {k: sum(w[k] for w in window) / len(window) for k in window[-1]}
-                logged["step"] = self.step
-                self.history.append(logged)
-                acc.log({f"train/{k}": v for k, v in logged.items() if k != "step"}, step=self.step)
-                for q, c in list(zip(batch["rollout"].prompts, batch["rollout"].completions))[:cfg.log_completions]:
-                    logger.info("sample | %r", c)
-                window = []
+            stop = self.bad_in_a_row >= cfg.max_bad_steps
+            if self.step % cfg.logging_steps == 0 or self.step >= cfg.max_steps or stop:
+                self._log_window(batch["rollout"])
+            if stop:
+                bar.close()
+                self._abort()
             if cfg.eval_steps and self.step % cfg.eval_steps == 0 and self.step < cfg.max_steps:
                 ev = self.evaluate()
                 logger.info("eval at step %d: %s", self.step, ev)
@@ -439,27 +584,79 @@ class GRPOTrainer:
             "eval_accuracy_before": before["accuracy"], "eval_accuracy_after": after["accuracy"],
             "eval_before": before, "eval_after": after,
             "final_reward_mean": (sum(h["reward/mean"] for h in last) / len(last)) if last else float("nan"),
+            "skipped_steps": self.skipped_steps,
             "num_processes": acc.num_processes, "resumed_from": str(self.resumed_from) if self.resumed_from else None,
             "config": self.cfg.to_dict(),
         }
         return summary
 
+    def _evaluate_before(self) -> dict:
+        """Held-out accuracy before training; a resumed run reuses the stored one (no second evaluation,
+        no second TensorBoard point), so its summary compares the same numbers."""
+        if self.eval_before is not None:
+            logger.info("eval before training (stored in the checkpoint): %s", self.eval_before)
+            return self.eval_before
+        self.eval_before = self.evaluate()
+        logger.info("eval before training: %s", self.eval_before)
+        self.acc.log({f"eval/{k}": v for k, v in self.eval_before.items()}, step=self.step)
+        return self.eval_before
+
+    def _log_window(self, rollout: Rollout) -> None:
+        """Log the mean of the metrics of the steps since the last log, at the current step."""
+        window, self.window = self.window, []
+        logged = {k: sum(w[k] for w in window) / len(window) for k in window[-1]}
+        logged["step"] = self.step
+        self.history.append(logged)
+        self.acc.log({f"train/{k}": v for k, v in logged.items() if k != "step"}, step=self.step)
+        for c in rollout.completions[:self.cfg.log_completions]:
+            logger.info("sample | %r", c)
+
+    def _abort(self) -> None:
+        path = self.save_checkpoint()
+        raise TrainingAborted(
+            f"{self.bad_in_a_row} steps in a row (up to step {self.step}) had a non-finite loss or gradient norm "
+            f"and were skipped (max_bad_steps={self.cfg.max_bad_steps}); saved {path}. Lower learning_rate, "
+            "check the reward functions and data, then continue with --resume_from_checkpoint latest")
+
     # ================================================================== checkpoints and saving
     def _trainer_state(self) -> dict:
+        """Everything besides Accelerate's state that a resumed run needs to continue exactly."""
         return {"step": self.step, "data": self.stream.state_dict(), "history": self.history,
-                "eval_before": getattr(self, "history_eval_before", None)}
+                "window": self.window, "eval_before": self.eval_before, "skipped_steps": self.skipped_steps,
+                "bad_in_a_row": self.bad_in_a_row, "num_processes": self.acc.num_processes,
+                "zero_stage": self.zero_stage, "seed": self.cfg.seed, "config": self.cfg.to_dict()}
 
     def save_checkpoint(self) -> Path:
+        """OUTPUT_DIR/checkpoint-STEP, written atomically (see grpo_scale.checkpoint). Collective."""
         return ckpt.save_checkpoint(self.acc, self.cfg.output_dir, self.step, self._trainer_state(),
                                     self.cfg.save_total_limit)
 
     def _load_checkpoint(self, path: Path) -> None:
-        self.acc.load_state(str(path))
+        """Restore model, optimiser, scheduler, this rank's RNG states, data position and history."""
         state = ckpt.load_trainer_state(path)
+        ckpt.check_compatible(state, path, num_processes=self.acc.num_processes, zero_stage=self.zero_stage,
+                              seed=self.cfg.seed)
+        rng = path / f"random_states_{self.acc.process_index}.pkl"
+        if not rng.is_file():  # Accelerate would only log this and sample differently from then on
+            raise ConfigError(f"cannot resume from {path}: it has no {rng.name} (RNG state of rank "
+                              f"{self.acc.process_index})")
+        self.acc.load_state(str(path))  # after set_seed: the restored RNG states win
+        try:
+            self.stream.load_state_dict(state["data"])
+        except ValueError as e:
+            raise ConfigError(f"cannot resume from {path}: {e}") from None
         self.step = int(state["step"])
-        self.stream.load_state_dict(state["data"])
         self.history = state["history"]
-        self.history_eval_before = state.get("eval_before")
+        self.window = state.get("window", [])
+        self.eval_before = state.get("eval_before")
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.bad_in_a_row = int(state.get("bad_in_a_row", 0))
+        saved_cfg, now = state.get("config", {}), self.cfg.to_dict()
+        changed = sorted(k for k in now if k in saved_cfg and saved_cfg[k] != now[k]
+                         and k not in ("output_dir", "resume_from_checkpoint"))
+        if changed:
+            logger.warning("resuming with changed config fields %s: the run will not match an uninterrupted one",
+                           changed)
         logger.info("resumed from %s at step %d", path, self.step)
 
     def save(self, summary: dict) -> None:
