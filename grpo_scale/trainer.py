@@ -288,7 +288,8 @@ class GRPOTrainer:
             self.eval_rows = make_eval_set(cfg.task_mix, cfg.task_level, cfg.eval_size, cfg.eval_seed)
             self.stream = ProblemStream(cfg.task_mix, cfg.task_level, cfg.seed,
                                         exclude={r["prompt"] for r in self.eval_rows})
-            self.columns = ["answer", "task", "level", "solution"]
+            sample = ProblemStream(cfg.task_mix, cfg.task_level, cfg.seed).take(1)[0]  # a throwaway stream
+            self.columns = [k for k in sample if k != "prompt"]
 
     def _setup_rewards(self) -> None:
         """The reward functions, each guarded so that an item that raises is scored as missing."""

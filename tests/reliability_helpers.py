@@ -64,9 +64,11 @@ def command(args: list[str], ranks: int = 1, script: Path = ROOT / "train.py") -
             str(ROOT / "accelerate_configs" / "zero2.yaml"), "--num_processes", str(ranks), str(script), *args]
 
 
-def run(args: list[str], ranks: int = 1, timeout: float = 300, **env_extra) -> subprocess.CompletedProcess:
-    return subprocess.run(command(args, ranks), cwd=ROOT, env=env(**env_extra), capture_output=True, text=True,
-                          timeout=timeout)
+def run(args: list[str], ranks: int = 1, timeout: float = 300, script: Path = ROOT / "train.py",
+        **env_extra) -> subprocess.CompletedProcess:
+    """Run ``script ARGS`` (train.py by default) to completion; stdout and stderr captured."""
+    return subprocess.run(command(args, ranks, script), cwd=ROOT, env=env(**env_extra), capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def run_until_blocked(args: list[str], marker: Path, ranks: int = 1, timeout: float = 300) -> str:
