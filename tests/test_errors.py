@@ -1,9 +1,12 @@
 """Bad input and faults: every class of bad configuration through `python train.py` (one message, exit 2,
-no traceback), bad data, unsafe model folders, a tokenizer without a chat template, reward functions
-that raise, and non-finite steps (skipped on every rank, then a checkpoint and a stop)."""
+no traceback), bad data and unsafe model folders (through train.py's main, in process where a
+subprocess would only add start-up time), a tokenizer without a chat template, reward functions that
+raise, and non-finite steps (skipped on every rank, then a checkpoint and a stop)."""
+import importlib.util
 import json
 import logging
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -20,6 +23,18 @@ def fails_cleanly(proc, *fragments):
     assert out.count("error: ") == 1, out[-3000:]
     for fragment in fragments:
         assert fragment in out, (fragment, out[-3000:])
+
+
+def train_main(argv) -> subprocess.CompletedProcess:
+    """train.py's main in this process (torch is imported already: seconds cheaper than a subprocess).
+    An exception it lets through fails the test, as a traceback would; its error lines are collected."""
+    spec = importlib.util.spec_from_file_location("train_script", rh.ROOT / "train.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    lines = []
+    script._error = lambda message: lines.append(f"error: {message}\n")
+    code = script.main(argv)
+    return subprocess.CompletedProcess(argv, code, "", "".join(lines))
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +83,8 @@ def test_bad_configuration_is_one_message_and_exit_2(tmp_path, model_dir, argv, 
 def test_bad_data_names_the_file_and_the_row(tmp_path, model_dir, lines, fragments):
     data = tmp_path / "data.jsonl"
     data.write_text("\n".join(lines) + "\n")
-    proc = rh.run(["--model_name_or_path", model_dir, "--dataset_path", str(data), "--reward_funcs", "correctness",
-                   "--reward_weights", "null", "--output_dir", str(tmp_path / "out")], timeout=120)
+    proc = train_main(["--model_name_or_path", model_dir, "--dataset_path", str(data), "--reward_funcs",
+                       "correctness", "--reward_weights", "null", "--output_dir", str(tmp_path / "out")])
     fails_cleanly(proc, *fragments)
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
 
@@ -105,7 +120,7 @@ def test_model_code_runs_only_with_trust_remote_code(tmp_path, model_dir):
     (custom / "custom_code.py").write_text(
         f"open({str(marker)!r}, 'w').write('ran')\n"
         "from transformers import Qwen2Config as RelConfig, Qwen2ForCausalLM as RelModel\n")
-    proc = rh.run(["--model_name_or_path", str(custom), "--output_dir", str(tmp_path / "out")], timeout=120)
+    proc = train_main(["--model_name_or_path", str(custom), "--output_dir", str(tmp_path / "out")])
     fails_cleanly(proc, "trust_remote_code")
     assert not marker.exists(), "the model folder's code ran"
 
