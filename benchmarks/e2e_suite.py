@@ -94,6 +94,8 @@ class Worker:
         return self.read("step")
 
     def close(self) -> dict:
+        self.proc.stdin.write("go\n")  # tear down now; the other side has finished its steps
+        self.proc.stdin.flush()
         done = self.read("done")
         self.proc.wait()
         return done

@@ -4,8 +4,10 @@
 
 The process speaks one JSON object per line on stdout (everything else it prints goes to stderr):
 `{"event": "ready"}` once set up; then, for each step, it waits for a line on stdin before starting
-the step and answers `{"event": "step", ...}` when the step ends; finally `{"event": "done", ...}`.
-So the two sides can be stepped in turn, and a load change on a shared machine hits both alike.
+the step and answers `{"event": "step", ...}` when the step ends; after the last step it waits for one
+more line before tearing down (so that its teardown never overlaps the other side's last step), then
+answers `{"event": "done", ...}`. So the two sides can be stepped in turn, and a load change on a shared
+machine hits both alike.
 
 Both sides read their settings from the same GRPOConfig (configs/tiny-math.yaml plus the overrides
 given after `--`), load the same model the same way, and train on the same prompts in the same order
@@ -174,6 +176,7 @@ def run_ours(cfg, device: str, total: int, gate: Gate) -> None:
         phases["other"] = step_s - sum(phases.values())
         gate.send("step", step_s=step_s, phases=phases, tokens=m["tokens"], reward=m["reward/mean"],
                   completion_length=m["completion/mean_length"], peak_memory=memory.read())
+    gate.wait()  # the driver's word to tear down
 
 
 # ------------------------------------------------------------------------------------------------
@@ -244,6 +247,8 @@ def run_trl(cfg, device: str, total: int, gate: Gate) -> None:
             tokens_seen[0] = logged["num_tokens"][-1]
             gate.send("step", step_s=step_s, phases=phases, tokens=tokens, reward=logged["reward"][-1],
                       completion_length=logged["completions/mean_length"][-1], peak_memory=memory.read())
+            if state.global_step >= total:
+                gate.wait()  # the driver's word to tear down (train() still has work to do)
 
     trainer = trl.GRPOTrainer(model=model, reward_funcs=get_reward_funcs(cfg.reward_funcs),
                               args=trl_args(cfg, device, total, cfg.output_dir), train_dataset=dataset,

@@ -141,7 +141,7 @@ def _measure(provider: Provider, case: Case, point: Point, device: str, base: di
             peak = peak_memory_bytes(fn, device, setup=setup)
             if peak is None:
                 rows.append(Row(**base, mode=mode, metric="peak_memory", unit="MiB",
-                                status="skipped: torch.profiler memory timeline unavailable"))
+                                status="skipped: torch.profiler allocation events unavailable"))
             else:
                 what = "above the inputs" if device.startswith("cuda") else "tensor storage allocated in the call"
                 note = f"{what}; U = {case.unit_bytes / 2**20:.3g} MiB"
@@ -203,15 +203,20 @@ def run_point(point: Point, providers: list[Provider], device: str, copy_bw=None
         base = dict(benchmark=f"grpo_loss-{point.family}", provider=provider.name, shape=case.shape,
                     dtype=point.dtype, level=point.level)
         started = time.perf_counter()
+        oom = False
         try:
             worst, text = check(provider, check_case, gold)
+        except torch.cuda.OutOfMemoryError:
+            oom, worst, text = True, float("inf"), "out of memory in the check"
+            torch.cuda.empty_cache()
         except Exception as e:  # noqa: BLE001 - a provider that raises is reported, not fatal
-            worst, text = float("inf"), f"raised {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            message = (str(e).strip().splitlines() or [""])[0][:200]
+            worst, text = float("inf"), f"raised {type(e).__name__}: {message}"
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         first = time.perf_counter() - started  # the first call: compilation, JIT, interpreter
         ok = worst <= 1.0
-        status = "ok" if ok else f"fail: {text}"
+        status = "ok" if ok else ("skipped: " if oom else "fail: ") + text
         rows.append(exact(worst if worst != float("inf") else None, **base, mode="fwd+bwd",
                           metric="check_error", unit="of tolerance", status=status,
                           note=f"{text}; checked on {check_case.shape}, first call {first:.2f} s"))
@@ -232,6 +237,8 @@ def run_point(point: Point, providers: list[Provider], device: str, copy_bw=None
                     rows.append(Row(**base, metric="time", unit="ms", status="skipped: out of memory"))
         log(f"  {provider.name:15s} {case.shape:24s} {point.dtype:5s} {point.level:8s} "
             f"{'ok' if ok else 'FAIL'} ({time.perf_counter() - started:.1f}s)")
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()  # each provider starts from the same free memory
     return rows
 
 

@@ -12,6 +12,7 @@ policy so that some ratios clip, every token active (the worst case for kernels 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 from typing import Callable
 
@@ -81,24 +82,24 @@ def make_case(family: str, B: int, T: int, V: int, *, H: int = 0, dtype: torch.d
     if family not in ("logits", "linear") or min(B, T, V) < 1 or (family == "linear" and H < 1):
         raise ValueError(f"bad case: family {family!r} (logits or linear), B={B} T={T} V={V} H={H} (all >= 1; "
                          "H only for linear)")
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    ids = torch.randint(0, V, (B, T), generator=g)
-    adv = torch.randn(B, generator=g)
-    noise_old, noise_ref = 0.1 * torch.randn(B, T, generator=g), 0.1 * torch.randn(B, T, generator=g)
+    g = torch.Generator(device=device).manual_seed(seed)  # drawn where they live: GPU sizes are GBs
+    rand = functools.partial(torch.randn, generator=g, device=device)
+    ids = torch.randint(0, V, (B, T), generator=g, device=device)
+    adv = rand(B)
+    noise_old, noise_ref = 0.1 * rand(B, T), 0.1 * rand(B, T)
     if family == "logits":
-        logits = (2.0 * torch.randn(B, T, V, generator=g)).to(device=device, dtype=dtype)
+        logits = rand(B, T, V).mul_(2.0).to(dtype)
         tensors = {"logits": logits}
         logits_fn = lambda b: logits[b]  # noqa: E731
     else:
-        hidden = torch.randn(B, T, H, generator=g).to(device=device, dtype=dtype)
-        weight = (torch.randn(V, H, generator=g) * (2.0 / H ** 0.5)).to(device=device, dtype=dtype)
+        hidden = rand(B, T, H).to(dtype)
+        weight = rand(V, H).mul_(2.0 / H ** 0.5).to(dtype)
         tensors = {"hidden": hidden, "weight": weight}
         logits_fn = lambda b: hidden[b] @ weight.t()  # noqa: E731
-    ids = ids.to(device)
     logp = _logps_rows(logits_fn, ids)
     return Case(family=family, B=B, T=T, V=V, H=H if family == "linear" else 0, dtype=dtype, device=device,
-                level=level, ids=ids, advantages=adv.to(device), mask=torch.ones(B, T, dtype=torch.bool, device=device),
-                old_logps=logp + noise_old.to(device), ref_logps=logp + noise_ref.to(device), **tensors)
+                level=level, ids=ids, advantages=adv, mask=torch.ones(B, T, dtype=torch.bool, device=device),
+                old_logps=logp + noise_old, ref_logps=logp + noise_ref, **tensors)
 
 
 # ------------------------------------------------------------------------------------------------

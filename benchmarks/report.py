@@ -1,0 +1,163 @@
+"""Markdown tables from the benchmark CSVs, for benchmarks/README.md.
+
+    python benchmarks/report.py            # print the tables
+    python benchmarks/report.py --update   # rewrite the README's section between its result markers
+
+Every table names the device its figures were measured on (the CSV's `device` column) and the
+preset; a device with no CSV is listed as not yet measured.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.records import read_csv  # noqa: E402
+
+README = ROOT / "benchmarks" / "README.md"
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+PHASES = ("generation", "reward", "logps", "policy", "optimizer", "other")
+
+
+def _num(value: str, digits: int = 3) -> str:
+    if value in ("", None):
+        return "-"
+    x = float(value)
+    return f"{x:.{digits}g}" if abs(x) < 10 ** digits else f"{x:.0f}"
+
+
+def _spread(r: dict) -> str:
+    """'median (q20-q80)'; the median alone when the three agree (a count)."""
+    if r["q20"] == r["q80"]:
+        return _num(r["median"])
+    return f"{_num(r['median'])} ({_num(r['q20'])}-{_num(r['q80'])})"
+
+
+def _table(header: list[str], lines: list[list[str]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(line) + " |" for line in lines]
+    return "\n".join(out)
+
+
+def _caption(rows: list[dict], what: str) -> str:
+    r = rows[0]
+    return (f"**{what}** on `{r['device']}`, preset `{r['preset']}`, revision `{r['git_rev']}`, "
+            f"{r['timestamp'][:10]}.")
+
+
+def kernel_table(rows: list[dict]) -> str:
+    """One line per (point, provider): check, time per mode, peak memory."""
+    points: dict = defaultdict(dict)
+    for r in rows:
+        key = (r["benchmark"].split("-", 1)[-1], r["shape"], r["dtype"], r["level"], r["provider"])
+        points[key][(r["metric"], r["mode"], r["unit"])] = r
+    lines = []
+    for (family, shape, dtype, level, provider), m in points.items():
+        if len(m) == 1:  # a point checked for its traffic count only: in the traffic table
+            continue
+        check = m.get(("check_error", "fwd+bwd", "of tolerance"))
+        status = "ok" if check and check["status"] == "ok" else (check["status"].split(":")[0] if check else "-")
+        times = []
+        for mode in ("fwd", "bwd", "fwd+bwd"):
+            t = m.get(("time", mode, "ms"))
+            times.append(_spread(t) if t and t["status"] == "ok" else
+                         (t["status"].split(":")[0].replace("_", " ") if t else "-"))
+        mem = m.get(("peak_memory", "fwd+bwd", "U"))
+        lines.append([family, shape, dtype, level, provider, status, *times, _num(mem["median"]) if mem else "-"])
+    return _table(["family", "shape", "dtype", "level", "provider", "check", "fwd ms", "bwd ms", "fwd+bwd ms",
+                   "peak memory (U)"], lines)
+
+
+def traffic_table(rows: list[dict]) -> str:
+    points: dict = defaultdict(dict)
+    for r in rows:
+        key = (r["benchmark"].split("-", 1)[-1], r["shape"], r["dtype"], r["level"], r["provider"])
+        points[key][(r["metric"], r["mode"])] = r
+    lines = []
+    for (family, shape, dtype, level, provider), m in points.items():
+        cells = [_num(m[("traffic_hbm_logits", mode)]["median"]) for mode in ("fwd", "bwd", "fwd+bwd")]
+        cells += [_num(m[("traffic_hbm", "fwd+bwd")]["median"]), _num(m[("traffic_issued", "fwd+bwd")]["median"])]
+        kernels = m[("traffic_hbm", "fwd+bwd")]["note"].split("; ", 1)[-1]
+        lines.append([family, shape, level, provider, *cells, kernels])
+    return _table(["family", "shape", "level", "provider", "HBM fwd", "HBM bwd", "HBM fwd+bwd",
+                   "HBM all args", "issued", "launches"], lines)
+
+
+def e2e_table(rows: list[dict]) -> str:
+    sides = list(dict.fromkeys(r["provider"] for r in rows if r["provider"] != "ours/trl"))
+    get = {(r["provider"], r["metric"], r["mode"]): r for r in rows if r["metric"] != "reward_mean"}
+    lines = []
+    for side in sides:
+        if (side, "steps_per_s", "step") not in get or get[(side, "steps_per_s", "step")]["status"] != "ok":
+            status = get.get((side, "steps_per_s", "step"), {}).get("status", "-")
+            lines.append([side, status] + ["-"] * (4 + len(PHASES)))
+            continue
+        lines.append([side, _spread(get[(side, "steps_per_s", "step")]), _spread(get[(side, "tokens_per_s", "step")]),
+                      _num(get[(side, "completion_length", "step")]["median"]),
+                      _num(get[(side, "time", "step")]["median"]),
+                      *[_num(get[(side, "time", p)]["median"]) for p in PHASES],
+                      _num(get[(side, "peak_memory", "step")]["median"], 4)])
+    table = _table(["side", "steps/s", "tokens/s", "completion tokens", "step s", *[f"{p} s" for p in PHASES],
+                    "peak memory MiB"], lines)
+    speedup = get.get(("ours/trl", "speedup", "step"))
+    if speedup:
+        table += (f"\n\nSteps/s, ours : TRL = **{_num(speedup['median'])}x** "
+                  f"({_num(speedup['q20'])}-{_num(speedup['q80'])}); {speedup['note'].split('; ', 1)[-1]}.")
+    curves = defaultdict(list)
+    for r in rows:
+        if r["metric"] == "reward_mean":
+            curves[r["provider"]].append(f"{float(r['median']):.3f}")
+    if curves:
+        table += "\n\nMean reward per measured step:\n\n" + _table(
+            ["side", *[str(i + 1) for i in range(max(len(c) for c in curves.values()))]],
+            [[side, *c] for side, c in curves.items()])
+    return table
+
+
+def report(results: Path) -> str:
+    parts = []
+    prefixes = sorted({p.name.rsplit("-", 1)[0] for p in results.glob("*.csv")})
+    for prefix in prefixes:
+        for suite, what, build in (("kernel", "GRPO loss kernels", kernel_table),
+                                   ("traffic", "Memory traffic in U (Triton interpreter count, unmasked)",
+                                    traffic_table),
+                                   ("e2e", "End-to-end GRPO steps", e2e_table)):
+            path = results / f"{prefix}-{suite}.csv"
+            if path.is_file() and (rows := read_csv(path)):
+                parts.append(f"### {prefix}: {suite}\n\n{_caption(rows, what)}\n\n{build(rows)}")
+    if not any(p.startswith("cuda") for p in prefixes):
+        parts.append("### GPU (H100): not yet measured\n\nNo GPU was available where these results were "
+                     "produced: kernel timings, bandwidth and GPU peak memory, and the end-to-end run on "
+                     "Qwen2.5-0.5B's shapes are **not yet measured**. `python benchmarks/run.py` on a GPU "
+                     "machine writes them (`results/cuda-<gpu>-*.csv`).")
+    return "\n\n".join(parts)
+
+
+def update_readme(results: Path, readme: Path = README) -> None:
+    text = readme.read_text()
+    if START not in text or END not in text:
+        raise ValueError(f"{readme} lacks the markers {START} and {END} around its results section")
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    readme.write_text(f"{head}{START}\n{report(results)}\n{END}{tail}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--update", action="store_true", help=f"rewrite the tables in {README.name}")
+    args = parser.parse_args(argv)
+    if args.update:
+        update_readme(Path(args.results))
+    else:
+        print(report(Path(args.results)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
