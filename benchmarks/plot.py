@@ -42,12 +42,17 @@ def _grouped_bars(ax, groups: dict, ylabel: str, log: bool = False):
                 ys.append(m)
                 lo.append(max(m - q20, 0))
                 hi.append(max(q80 - m, 0))
-        ax.bar(xs, ys, width, yerr=[lo, hi], label=provider, capsize=2)
+        bars = ax.bar(xs, ys, width, yerr=[lo, hi], label=provider, capsize=2)
+        ax.bar_label(bars, fmt="%.3g", fontsize=6, padding=2)
     ax.set_xticks([j + width * (len(providers) - 1) / 2 for j in range(len(groups))])
     ax.set_xticklabels(list(groups), rotation=20, ha="right", fontsize=7)
     ax.set_ylabel(ylabel)
     if log:
+        from matplotlib.ticker import FormatStrFormatter
+
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(FormatStrFormatter(""))
     ax.legend(fontsize=7)
 
 

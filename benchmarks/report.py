@@ -113,6 +113,14 @@ def e2e_table(rows: list[dict]) -> str:
         if r["metric"] == "reward_mean":
             curves[r["provider"]].append(f"{float(r['median']):.3f}")
     if curves:
+        summary = []
+        for side, c in curves.items():
+            x = [float(v) for v in c]
+            mean = sum(x) / len(x)
+            se = (sum((v - mean) ** 2 for v in x) / max(len(x) - 1, 1) / len(x)) ** 0.5
+            summary.append(f"{side} {mean:.3f} +- {se:.3f}")
+        table += ("\n\nMean reward over the measured steps (+- standard error of the step means): "
+                  + ", ".join(summary) + ".")
         table += "\n\nMean reward per measured step:\n\n" + _table(
             ["side", *[str(i + 1) for i in range(max(len(c) for c in curves.values()))]],
             [[side, *c] for side, c in curves.items()])

@@ -114,8 +114,11 @@ def main(argv=None) -> int:
     if args.plots and not args.traffic_only:
         from benchmarks import plot
 
-        for path in plot.plot_all(out, prefix):
-            print(f"wrote {path}")
+        try:
+            for path in plot.plot_all(out, prefix):
+                print(f"wrote {path}")
+        except ImportError as e:  # matplotlib comes with the dev extra; the CSVs stand without it
+            print(f"no plots ({e}); pip install matplotlib, then python benchmarks/plot.py")
     print(f"done in {time.perf_counter() - started:.0f} s")
     if failed:
         print("providers that failed their correctness check:\n  " + "\n  ".join(failed))

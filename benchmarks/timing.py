@@ -13,6 +13,7 @@ Python objects). It is the CPU counterpart of CUDA's `max_memory_allocated` abov
 """
 from __future__ import annotations
 
+import gc
 import time
 from typing import Callable
 
@@ -103,6 +104,7 @@ def _time_cpu(fn, setup, grad_to_none, warmup_ms, rep_ms, min_reps, max_reps) ->
 def peak_memory_bytes(fn: Callable, device: str, *, setup: Callable | None = None) -> int | None:
     """Peak bytes allocated during `fn()` (or `fn(setup())`, setup not counted) above what was live
     before it; None when it cannot be measured here (see the module docstring for what is counted)."""
+    gc.collect()  # garbage of earlier runs, freed mid-call, would hide allocations
     state = setup() if setup is not None else None
     call = (lambda: fn(state)) if setup is not None else fn
     if device.startswith("cuda"):
@@ -125,18 +127,23 @@ def _cpu_peak_bytes(call) -> int | None:
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         call()
     try:  # an experimental API: say so rather than guess when it changes
-        stack, sizes = list(prof.profiler.kineto_results.experimental_event_tree()), []
+        stack, events = list(prof.profiler.kineto_results.experimental_event_tree()), []
         while stack:
             event = stack.pop()
             stack.extend(event.children)
             if event.typed[0] == _EventType.Allocation and event.typed[1].device.type == "cpu":
-                sizes.append((event.start_time_ns, event.typed[1].alloc_size))
+                events.append((event.start_time_ns, event.typed[1].alloc_size, event.typed[1].ptr))
     except (AttributeError, RuntimeError, TypeError):
         return None
+    blocks: dict = {}  # address -> size of the blocks allocated inside the call and still live
     live = peak = 0
-    for _, size in sorted(sizes):
-        live += size
-        peak = max(peak, live)
+    for _, size, ptr in sorted(events, key=lambda e: e[0]):
+        if size > 0:
+            blocks[ptr] = size
+            live += size
+            peak = max(peak, live)
+        elif ptr in blocks:  # frees of older storage (garbage collected mid-call) are not counted
+            live -= blocks.pop(ptr)
     return peak
 
 
