@@ -23,6 +23,7 @@ import inspect
 import json
 import math
 import random
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -32,6 +33,8 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalize
 from transformers import DynamicCache, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from grpo_scale.tasks import DEFAULT_SYSTEM_PROMPT, ProblemStream, make_eval_set, render_prompt
+from grpo_scale.tasks.column import with_column_solution
+from grpo_scale.tasks.column import with_column_solution
 from grpo_scale.tasks.synthetic import normalize_mix
 
 PAD, IM_START, EOS = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
@@ -117,6 +120,38 @@ def build_model(tokenizer, *, hidden_size: int = 128, num_layers: int = 4, num_h
 def completion_text(row: dict) -> str:
     """The supervised target for one problem (without the EOS token)."""
     return f"<think>{row['solution']}</think><answer>{row['answer']}</answer>"
+
+
+class TeacherStream:
+    """The warm start's demonstrations: problems from ``stream``, worked by an imperfect teacher.
+
+    ``trace="column"`` rewrites two-operand arithmetic as column-method traces (units first, then the
+    tens with its carry or borrow: see ``grpo_scale.tasks.column``); other rows keep their solution.
+    With ``slip_rate`` > 0 the teacher drops the carry or borrow of that fraction of the problems that
+    have one, and its answer follows the slipped trace. The questions are the stream's (never a
+    held-out one); only the demonstrated answers can be wrong. Seeded: a pure function of the stream.
+    """
+
+    def __init__(self, stream: ProblemStream, *, trace: str = "column", slip_rate: float = 0.0, seed: int = 0):
+        if trace not in ("column", "plain"):
+            raise ValueError(f"trace must be 'column' or 'plain', got {trace!r}")
+        if not 0.0 <= slip_rate <= 1.0 or (slip_rate and trace != "column"):
+            raise ValueError(f"slip_rate ({slip_rate}) must be in [0, 1], and 0 unless trace='column'")
+        self.stream, self.trace, self.slip_rate = stream, trace, slip_rate
+        self._rng = random.Random(f"grpo-scale-teacher-{seed}")
+        self.slipped = 0
+
+    @property
+    def position(self) -> int:
+        return self.stream.position
+
+    def take(self, n: int) -> list[dict]:
+        rows = self.stream.take(n)
+        if self.trace == "plain":
+            return rows
+        worked = [with_column_solution(r, self._rng, self.slip_rate) for r in rows]
+        self.slipped += sum(w["answer"] != r["answer"] for w, r in zip(worked, rows))
+        return worked
 
 
 # ----------------------------------------------------------------------------- supervised warm start
@@ -308,6 +343,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seeds initialisation, data stream and sampling")
     p.add_argument("--task_mix", type=_parse_mix, default="arithmetic=1", help="e.g. arithmetic=3,polynomial=1")
     p.add_argument("--task_level", type=_parse_levels, default="2", help="difficulty level(s), e.g. 2 or 1,2")
+    p.add_argument("--trace", choices=("column", "plain"), default="column",
+                   help="worked solutions of two-operand arithmetic: column method or the generator's own")
+    p.add_argument("--slip_rate", type=float, default=0.0,
+                   help="fraction of carries/borrows the teacher drops (column traces only)")
     p.add_argument("--steps", type=int, default=600, help="supervised optimiser steps")
     p.add_argument("--batch_size", type=int, default=64, help="problems per step (each one fresh)")
     p.add_argument("--lr", type=float, default=2e-3)
@@ -324,7 +363,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--exclude_eval_size", type=int, default=EXCLUDED_EVAL_SIZE,
                    help="the warm start never sees make_eval_set(task_mix, task_level, this, eval_seed=0); "
                         "lower it only for task levels with few distinct questions")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads; 1 keeps the floating-point reduction order, hence the weights, the "
+                        "same on every machine, and loses little on matrices this small")
     args = p.parse_args(argv)
     if args.eval_size > args.exclude_eval_size:
         p.error(f"--eval_size ({args.eval_size}) must be <= --exclude_eval_size ({args.exclude_eval_size}): "
@@ -335,9 +376,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build(args: argparse.Namespace, command: str) -> dict:
     """Builds, trains, evaluates and saves the tiny model as ``args`` say; returns build_info."""
     t0 = time.perf_counter()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    random.seed(args.seed)
     tokenizer = build_tokenizer()
     model = build_model(tokenizer, hidden_size=args.hidden_size, num_layers=args.num_layers,
                         num_heads=args.num_heads, intermediate_size=args.intermediate_size, seed=args.seed)
@@ -346,7 +384,8 @@ def build(args: argparse.Namespace, command: str) -> dict:
     except ValueError as err:
         raise ValueError(f"{err} (the questions the warm start must avoid): lower --exclude_eval_size, "
                          "raise --task_level or change --task_mix") from err
-    stream = ProblemStream(args.task_mix, args.task_level, args.seed, exclude=[r["prompt"] for r in excluded])
+    problems = ProblemStream(args.task_mix, args.task_level, args.seed, exclude=[r["prompt"] for r in excluded])
+    stream = TeacherStream(problems, trace=args.trace, slip_rate=args.slip_rate, seed=args.seed)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"parameters: {n_params:,}  task_mix {args.task_mix}  level {args.task_level}", flush=True)
 
@@ -377,7 +416,11 @@ def build(args: argparse.Namespace, command: str) -> dict:
         "steps_requested": args.steps,
         "steps": log[-1]["step"],
         "problems_seen": stream.position,
+        "trace": args.trace,
+        "slip_rate": args.slip_rate,
+        "demonstrations_slipped": stream.slipped,
         "batch_size": args.batch_size,
+        "threads": args.threads,
         "lr": args.lr,
         "warmup_steps": args.warmup_steps,
         "num_parameters": n_params,
@@ -399,7 +442,12 @@ def build(args: argparse.Namespace, command: str) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
-    return build(parse_args(argv), "python -m grpo_scale.tiny " + " ".join(argv))
+    args, threads = parse_args(argv), torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return build(args, "python -m grpo_scale.tiny " + " ".join(shlex.quote(a) for a in argv))
+    finally:
+        torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from grpo_scale import tiny
-from grpo_scale.tasks import DEFAULT_SYSTEM_PROMPT, make_eval_set, render_prompt
+from grpo_scale.tasks import DEFAULT_SYSTEM_PROMPT, ProblemStream, make_eval_set, render_prompt
 
 ASSETS = Path(tiny.__file__).parent / "assets" / "tiny-math"
 
@@ -20,7 +20,7 @@ def built(tmp_path_factory):
     argv = ["--output_dir", str(out), "--steps", "3", "--batch_size", "4", "--hidden_size", "32",
             "--num_layers", "2", "--num_heads", "2", "--eval_size", "4", "--num_samples", "2",
             "--max_new_tokens", "8", "--task_mix", "arithmetic=1,polynomial=1", "--task_level", "2",
-            "--exclude_eval_size", "64"]
+            "--exclude_eval_size", "64", "--slip_rate", "0.5"]
     info = tiny.main(argv)
     return out, info
 
@@ -30,6 +30,7 @@ def test_build_info_written(built):
     on_disk = json.loads((out / "build_info.json").read_text())
     assert on_disk == json.loads(json.dumps(info))
     assert on_disk["steps"] == 3 and on_disk["problems_seen"] == 12
+    assert on_disk["trace"] == "column" and on_disk["slip_rate"] == 0.5
     assert on_disk["command"].startswith("python -m grpo_scale.tiny --output_dir")
     assert set(on_disk["evaluation"]) >= {"all", "arithmetic", "polynomial"}
     assert 0.0 <= on_disk["evaluation"]["all"]["pass_at_2"] <= 1.0
@@ -108,6 +109,24 @@ def test_shared_prefix_loss_matches_full_forward():
     for b, row in enumerate(rows):
         target = tok.decode(labels[b][labels[b] >= 0])
         assert target == tiny.completion_text(row) + "<|im_end|>"
+
+
+def test_teacher_stream_slips_only_answers_of_carries():
+    problems = lambda: ProblemStream({"arithmetic": 1}, [1, 2], seed=5)  # noqa: E731
+    clean = problems().take(400)
+    teacher = tiny.TeacherStream(problems(), trace="column", slip_rate=0.5, seed=5)
+    worked = teacher.take(400)
+    assert [w["prompt"] for w in worked] == [c["prompt"] for c in clean]  # the same questions
+    wrong = [w for w, c in zip(worked, clean) if w["answer"] != c["answer"]]
+    assert len(wrong) == teacher.slipped and 0.1 * len(worked) < len(wrong) < 0.4 * len(worked)
+    for w in wrong:  # a slip drops a carry or borrow: the answer is off by a multiple of ten
+        c = next(c for c in clean if c["prompt"] == w["prompt"])
+        assert (int(w["answer"]) - int(c["answer"])) % 10 == 0
+    # The same seed replays the same demonstrations; plain traces are the generator's own.
+    assert tiny.TeacherStream(problems(), slip_rate=0.5, seed=5).take(400) == worked
+    assert tiny.TeacherStream(problems(), trace="plain").take(400) == clean
+    with pytest.raises(ValueError, match="slip_rate"):
+        tiny.TeacherStream(problems(), trace="plain", slip_rate=0.1)
 
 
 @pytest.mark.parametrize("completion, answer, ok", [
