@@ -136,15 +136,17 @@ def test_loss_impls_train_the_same(tmp_path):
         pytest.skip("needs CUDA or TRITON_INTERPRET=1 (set by conftest on CPU)")
     results = {}
     for impl in ("eager", "triton", "fused_linear"):
+        # A small learning rate: Adam's first steps are about lr * sign(g), so gradients that differ only
+        # by rounding would move weights by up to 2 lr; one rollout, so every path sees the same samples.
         trainer = make_trainer(tmp_path / impl, "--loss_impl", impl, "--beta", "0.1", "--num_iterations", "2",
                                "--gradient_accumulation_steps", "2", "--per_device_train_batch_size", "4",
-                               "--max_completion_length", "16", "--max_steps", "4")
+                               "--max_completion_length", "16", "--max_steps", "2", "--learning_rate", "1e-5",
+                               "--temperature", "2.0")
         assert trainer.loss_impl == impl
-        metrics = []
-        for _ in range(2):
-            m = trainer.grpo_step(trainer.generate_and_score())
-            metrics.append([m["loss"], m["kl_mean"], m["entropy_mean"], m["clip_ratio_region"]])
-        results[impl] = (torch.tensor(metrics), params_of(trainer))
+        m = trainer.grpo_step(trainer.generate_and_score())
+        assert trainer.step == 2
+        results[impl] = (torch.tensor([m["loss"], m["kl_mean"], m["entropy_mean"], m["clip_ratio_region"]]),
+                         params_of(trainer))
     for impl in ("triton", "fused_linear"):
-        assert torch.allclose(results[impl][0], results["eager"][0], rtol=1e-4, atol=1e-6), impl
-        assert torch.allclose(results[impl][1], results["eager"][1], atol=1e-4), impl
+        assert torch.allclose(results[impl][0], results["eager"][0], rtol=1e-3, atol=1e-6), impl
+        assert torch.allclose(results[impl][1], results["eager"][1], atol=5e-5), impl
