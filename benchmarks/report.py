@@ -51,26 +51,31 @@ def _caption(rows: list[dict], what: str) -> str:
 
 
 def kernel_table(rows: list[dict]) -> str:
-    """One line per (point, provider): check, time per mode, peak memory."""
-    points: dict = defaultdict(dict)
+    """Three tables: the correctness check per point and provider, times per mode where measured,
+    peak memory in U where measured."""
+    def point(r):
+        return f"{r['benchmark'].split('-', 1)[-1]} {r['shape']} {r['dtype']} {r['level']}"
+
+    providers = list(dict.fromkeys(r["provider"] for r in rows))
+    checks, times, memory = defaultdict(dict), defaultdict(dict), defaultdict(dict)
     for r in rows:
-        key = (r["benchmark"].split("-", 1)[-1], r["shape"], r["dtype"], r["level"], r["provider"])
-        points[key][(r["metric"], r["mode"], r["unit"])] = r
-    lines = []
-    for (family, shape, dtype, level, provider), m in points.items():
-        if len(m) == 1:  # a point checked for its traffic count only: in the traffic table
-            continue
-        check = m.get(("check_error", "fwd+bwd", "of tolerance"))
-        status = "ok" if check and check["status"] == "ok" else (check["status"].split(":")[0] if check else "-")
-        times = []
-        for mode in ("fwd", "bwd", "fwd+bwd"):
-            t = m.get(("time", mode, "ms"))
-            times.append(_spread(t) if t and t["status"] == "ok" else
-                         (t["status"].split(":")[0].replace("_", " ") if t else "-"))
-        mem = m.get(("peak_memory", "fwd+bwd", "U"))
-        lines.append([family, shape, dtype, level, provider, status, *times, _num(mem["median"]) if mem else "-"])
-    return _table(["family", "shape", "dtype", "level", "provider", "check", "fwd ms", "bwd ms", "fwd+bwd ms",
-                   "peak memory (U)"], lines)
+        if r["metric"] == "check_error":
+            checks[point(r)][r["provider"]] = "ok" if r["status"] == "ok" else r["status"].split(":")[0]
+        elif r["metric"] == "time" and r["status"] == "ok":
+            times[(point(r), r["provider"])][r["mode"]] = _spread(r)
+        elif r["metric"] == "peak_memory" and r["unit"] == "U" and r["status"] == "ok":
+            memory[point(r)][r["provider"]] = _num(r["median"])
+    parts = ["Correctness check against the fp32 reference (`ok` = within tolerance):\n\n" + _table(
+        ["point", *providers], [[p, *[c.get(q, "-") for q in providers]] for p, c in checks.items()])]
+    if times:
+        parts.append("Time, ms, median (q20-q80); the Triton providers are not timed without a GPU:\n\n" + _table(
+            ["point", "provider", "fwd", "bwd", "fwd+bwd"],
+            [[p, q, *[t.get(m, "-") for m in ("fwd", "bwd", "fwd+bwd")]] for (p, q), t in times.items()]))
+    if memory:
+        shown = [q for q in providers if any(q in m for m in memory.values())]
+        parts.append("Peak memory of forward + backward, in U (the bytes of the logits):\n\n" + _table(
+            ["point", *shown], [[p, *[m.get(q, "-") for q in shown]] for p, m in memory.items()]))
+    return "\n\n".join(parts)
 
 
 def traffic_table(rows: list[dict]) -> str:
