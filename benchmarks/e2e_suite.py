@@ -188,9 +188,11 @@ def run_suite(device: str, quick: bool, model: str | None = None, with_trl: bool
     if "trl" in results:
         ours, trl = (summarize([1.0 / s["step_s"] for s in results[side]["steps"]]) for side in ("ours", "trl"))
         ratio = ours["median"] / trl["median"]
-        verdict = "met" if ratio >= TARGET_SPEEDUP else "NOT met"
+        note = "median steps/s ratio (q20/q80: worst/best pairing of the quantiles)"
+        if not cuda and model == str(EMBEDDED):  # the setting the target is stated for
+            note += (f"; target >= {TARGET_SPEEDUP:g}x on CPU with the embedded model: "
+                     f"{'met' if ratio >= TARGET_SPEEDUP else 'NOT met'}")
         rows.append(Row(**dict(base, provider="ours/trl"), mode="step", metric="speedup", unit="x",
                         median=ratio, q20=ours["q20"] / trl["q80"], q80=ours["q80"] / trl["q20"], n=ours["n"],
-                        note=f"median steps/s ratio (q20/q80: worst/best pairing of the quantiles); target "
-                             f">= {TARGET_SPEEDUP:g}x on CPU with the embedded model: {verdict}"))
+                        note=note))
     return rows + skipped

@@ -19,7 +19,7 @@ reward functions. Every step is timed whole and by phase:
 - logps: old/reference log-probs (none when beta = 0 and each rollout is used once);
 - policy: the policy forward and backward (the loss included);
 - optimizer: `optimizer.step()`;
-- other: the rest of the step (gradient clipping, metrics, bookkeeping).
+- other: the rest of the step (gradient clipping, advantages and metrics, bookkeeping).
 
 Peak memory per step: `max_memory_allocated` on CUDA; on the CPU the process's resident set size,
 sampled every 2 ms (it includes the Python runtime and libraries, the same for both sides).
@@ -82,6 +82,11 @@ class StepMemory:
             torch.cuda.reset_peak_memory_stats()
         else:
             self.rss.reset()
+
+    def sync(self) -> None:
+        """Waits for the device, so that a step's time includes its last kernels."""
+        if self.cuda:
+            torch.cuda.synchronize()
 
     def read(self) -> int:
         if self.cuda:
@@ -168,6 +173,7 @@ def run_ours(cfg, device: str, total: int, gate: Gate) -> None:
         t0 = time.perf_counter()
         batch = trainer.generate_and_score()
         metrics = trainer.grpo_step(batch)
+        memory.sync()
         step_s = time.perf_counter() - t0
         m = batch["metrics"]
         phases = {"generation": m["time/generate_s"], "reward": m["time/reward_s"], "logps": m["time/logps_s"],
@@ -238,6 +244,7 @@ def run_trl(cfg, device: str, total: int, gate: Gate) -> None:
             clock["optimizer"] += time.perf_counter() - clock["opt0"]
 
         def on_step_end(self, args, state, control, **kwargs):
+            memory.sync()
             step_s = time.perf_counter() - clock["t0"]
             phases = {"generation": clock["generation"], "reward": clock["reward"], "logps": clock["logps"],
                       "policy": clock["training_step"] - clock["prepare"], "optimizer": clock["optimizer"]}
@@ -276,7 +283,6 @@ def run_trl(cfg, device: str, total: int, gate: Gate) -> None:
     trainer._calculate_rewards = timed(clock, "reward", trainer._calculate_rewards)
     trainer._prepare_inputs = timed(clock, "prepare", trainer._prepare_inputs)
     trainer.training_step = timed(clock, "training_step", trainer.training_step)
-    trainer.accelerator.clip_grad_norm_ = timed(clock, "clip", trainer.accelerator.clip_grad_norm_)
     gate.send("ready")
     trainer.train()
 
