@@ -44,13 +44,24 @@ def main(argv=None) -> int:
     except TrainingAborted as e:
         _error(str(e))
         trainer.acc.end_training()
+        _shutdown()
         return 3
     trainer.save(summary)
     if trainer.acc.is_main_process:
         print(f"done: {summary['steps']} steps in {summary['wall_seconds']:.0f}s; held-out accuracy "
               f"{summary['eval_accuracy_before']:.3f} -> {summary['eval_accuracy_after']:.3f}; "
               f"outputs in {cfg.output_dir}")
+    _shutdown()
     return 0
+
+
+def _shutdown() -> None:
+    """Tear the process group down before the interpreter exits: left to exit handlers, a gloo or
+    DeepSpeed communication thread can abort a rank after all work is done (a spurious non-zero exit)."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -84,7 +84,7 @@ def generate(model, tokenizer, prompts: list[str], *, max_prompt_length: Optiona
     gen_cfg = GenerationConfig(
         do_sample=do_sample, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad,
         temperature=temperature if do_sample else None, top_p=top_p if do_sample else None,
-        top_k=(top_k or None) if do_sample else None, repetition_penalty=1.0, use_cache=True,
+        top_k=top_k if do_sample else None, repetition_penalty=1.0, use_cache=True,  # 0: off (None would mean 50)
     )
     was_training = model.training
     model.eval()
