@@ -7,13 +7,18 @@ It exists so the whole GRPO trainer runs, learns and is tested without a GPU or 
 1. builds a character-level tokenizer (every printable ASCII character is a token; ChatML specials;
    the four format tags are single tokens so completions stay short) with a Qwen-style chat template;
 2. builds a small ``Qwen2ForCausalLM`` (fp32, tied embeddings);
-3. warm-starts it with a short supervised phase on ``ProblemStream`` problems that never include a
-   question of the held-out evaluation set: the target is
-   ``<think>{solution}</think><answer>{answer}</answer><|im_end|>`` after the rendered prompt;
-4. saves model + tokenizer (``save_pretrained``, safetensors) and ``build_info.json``.
+3. warm-starts it with a short supervised phase (plain PyTorch, AdamW, loss on completion tokens only)
+   on ``ProblemStream`` problems that never include a question of the held-out evaluation set: the
+   target is ``<think>{solution}</think><answer>{answer}</answer><|im_end|>`` after the rendered prompt;
+4. saves model + tokenizer (``save_pretrained``, safetensors) and ``build_info.json`` (command, settings,
+   steps, wall time, measured held-out accuracies), loadable by plain ``from_pretrained``.
 
-The warm start is deliberately short: it teaches the format and some arithmetic, not all of it, so the
-model samples right and wrong answers for the same question and GRPO has a reward signal to learn from.
+The demonstrations come from an imperfect teacher (``TeacherStream``): two-operand problems are worked
+column by column (units, then tens with the carry or borrow), and the teacher drops ``slip_rate`` of
+the carries, writing the answer its slipped trace gives. The model learns the method and learns to
+apply it unreliably: greedy decoding often follows the slip, sampling often does not, so groups of
+samples hold right and wrong answers and a correctness reward (GRPO) can teach what imitation could
+not. The held-out answers are never shown; only some demonstrated answers are wrong, on purpose.
 Everything is seeded and step-budgeted, so the command reproduces the committed files.
 """
 from __future__ import annotations
@@ -345,12 +350,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--task_level", type=_parse_levels, default="2", help="difficulty level(s), e.g. 2 or 1,2")
     p.add_argument("--trace", choices=("column", "plain"), default="column",
                    help="worked solutions of two-operand arithmetic: column method or the generator's own")
-    p.add_argument("--slip_rate", type=float, default=0.0,
+    p.add_argument("--slip_rate", type=float, default=0.6,
                    help="fraction of carries/borrows the teacher drops (column traces only)")
-    p.add_argument("--steps", type=int, default=600, help="supervised optimiser steps")
+    p.add_argument("--steps", type=int, default=1000, help="supervised optimiser steps")
     p.add_argument("--batch_size", type=int, default=64, help="problems per step (each one fresh)")
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup_steps", type=int, default=50)
+    p.add_argument("--warmup_steps", type=int, default=30)
     p.add_argument("--hidden_size", type=int, default=128)
     p.add_argument("--num_layers", type=int, default=4)
     p.add_argument("--num_heads", type=int, default=4)
