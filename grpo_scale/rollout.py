@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from transformers import GenerationConfig
@@ -156,9 +156,3 @@ def group_advantages(rewards: torch.Tensor, num_generations: int, scale: str = "
         raise ValueError(f"scale_rewards must be group, batch or none, got {scale!r}")
     adv = torch.where(valid, adv, 0.0)
     return adv.view(-1).float(), std.view(-1).float()
-
-
-def score(reward_fns: list[Callable], weights: list[float], rollout: Rollout, columns: dict[str, list]):
-    """Rewards of one process's completions: (per_function [N, F] with NaN for missing, total [N])."""
-    from grpo_scale.rewards import compute_rewards
-    return compute_rewards(reward_fns, weights, rollout.prompts, rollout.completions, columns)

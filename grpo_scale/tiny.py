@@ -37,6 +37,7 @@ import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import DynamicCache, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
+from grpo_scale.rewards import extract_answer
 from grpo_scale.tasks import DEFAULT_SYSTEM_PROMPT, ProblemStream, make_eval_set, render_prompt
 from grpo_scale.tasks.column import with_column_solution
 from grpo_scale.tasks.column import with_column_solution
@@ -252,17 +253,11 @@ def warm_start(model, tokenizer, stream, *, steps: int, batch_size: int = 64, lr
 
 
 # ----------------------------------------------------------------------------- evaluation
-def extract_answer(completion: str) -> str | None:
-    """Text inside the last <answer>...</answer>, spaces removed; None when there is none."""
-    end = completion.rfind("</answer>")
-    begin = completion.rfind("<answer>", 0, end) if end >= 0 else -1
-    if begin < 0:
-        return None
-    return completion[begin + len("<answer>"):end].replace(" ", "")
-
-
 def is_correct(completion: str, answer: str) -> bool:
-    return extract_answer(completion) == answer.replace(" ", "")
+    """The last <answer> block equals ``answer`` as text, spaces ignored (the build's own check; the
+    trainer judges with ``correctness_reward``)."""
+    got = extract_answer(completion)
+    return got is not None and got.replace(" ", "") == answer.replace(" ", "")
 
 
 @torch.no_grad()

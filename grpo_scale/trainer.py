@@ -26,8 +26,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from grpo_scale import checkpoint as ckpt
 from grpo_scale.config import ConfigError, GRPOConfig
-from grpo_scale.rewards import check_reward_columns, correctness_reward, get_reward_funcs
-from grpo_scale.rollout import Rollout, generate, group_advantages, score
+from grpo_scale.rewards import check_reward_columns, compute_rewards, correctness_reward, get_reward_funcs
+from grpo_scale.rollout import Rollout, generate, group_advantages
 from grpo_scale.tasks import ProblemStream, make_eval_set, render_prompt
 
 logger = logging.getLogger("grpo_scale")
@@ -319,23 +319,23 @@ class GRPOTrainer:
     def _render(self, rows: list[dict]) -> list[str]:
         return [render_prompt(self.tokenizer, r["prompt"], self.cfg.system_prompt) for r in rows]
 
+    @staticmethod
+    def _model_inputs(rb: Rollout) -> dict:
+        """Prompt + completion ids [N, P+T], attention mask and the position ids generation used."""
+        attn = torch.cat([rb.prompt_mask, rb.attention_mask], dim=1)
+        return {"input_ids": torch.cat([rb.prompt_ids, rb.completion_ids], dim=1), "attention_mask": attn,
+                "position_ids": (attn.cumsum(-1) - 1).clamp(min=0)}
+
     def _logits(self, model, rb: Rollout) -> torch.Tensor:
         """Policy logits [N, T, V] for the completion positions only (no full-sequence logits)."""
-        input_ids = torch.cat([rb.prompt_ids, rb.completion_ids], dim=1)
-        attn = torch.cat([rb.prompt_mask, rb.attention_mask], dim=1)
-        position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
         T = rb.completion_ids.shape[1]
-        out = model(input_ids=input_ids, attention_mask=attn, position_ids=position_ids, logits_to_keep=T + 1)
-        return out.logits[:, :-1]
+        return model(**self._model_inputs(rb), logits_to_keep=T + 1).logits[:, :-1]
 
     def _hidden(self, model, rb: Rollout) -> tuple[torch.Tensor, torch.nn.Module]:
         """Last hidden states [N, T, H] of the completion positions, and the lm_head module."""
         inner = self.acc.unwrap_model(model)
-        input_ids = torch.cat([rb.prompt_ids, rb.completion_ids], dim=1)
-        attn = torch.cat([rb.prompt_mask, rb.attention_mask], dim=1)
-        position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
         T = rb.completion_ids.shape[1]
-        hidden = inner.get_decoder()(input_ids=input_ids, attention_mask=attn, position_ids=position_ids).last_hidden_state
+        hidden = inner.get_decoder()(**self._model_inputs(rb)).last_hidden_state
         return hidden[:, -T - 1:-1], inner.get_output_embeddings()
 
     @torch.no_grad()
@@ -364,7 +364,8 @@ class GRPOTrainer:
                                mask_truncated=cfg.mask_truncated_completions)
         t1 = time.perf_counter()
         columns = {k: [r.get(k) for r in mine] for k in mine[0] if k != "prompt"}
-        per_func, total = score(self.reward_funcs, self.reward_weights, rollout, columns)
+        per_func, total = compute_rewards(self.reward_funcs, self.reward_weights, rollout.prompts,
+                                          rollout.completions, columns)
         all_total = acc.gather(total.to(acc.device))
         all_per_func = acc.gather(per_func.to(acc.device))
         adv, group_std = group_advantages(all_total.cpu(), G, cfg.scale_rewards)
