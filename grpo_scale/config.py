@@ -72,6 +72,10 @@ class GRPOConfig:
     top_k: int = _f(0, "Top-k sampling (0: off).")
     mask_truncated_completions: bool = _f(False, "Exclude completions that hit max_completion_length without "
                                           "an end-of-sequence token from the loss.")
+    share_prompt: bool = _f(True, "Run each group's prompt once: generation prefills it once and copies its KV "
+                            "cache to the group's completions, and the policy, old and reference forwards do the "
+                            "same (the gradient flows through the shared pass). Same values as one full forward "
+                            "per completion, up to rounding. Not applied under gradient_checkpointing.")
 
     # ------------------------------------------------------------------ rewards and advantages
     reward_funcs: list = _f(["correctness", "format"], "Reward functions: built-ins (correctness, format) or "

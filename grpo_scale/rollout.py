@@ -5,6 +5,7 @@ weights gathered under ZeRO-3) and a ``gather`` function for cross-rank statisti
 """
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass
 from typing import Optional
@@ -34,6 +35,80 @@ class Rollout:
         return Rollout(self.prompt_ids[idx], self.prompt_mask[idx], self.completion_ids[idx],
                        self.completion_mask[idx], self.attention_mask[idx], self.is_truncated[idx],
                        self.prompts[idx], self.completions[idx])
+
+    def prompt_runs(self) -> torch.Tensor:
+        """Lengths [R] of the runs of consecutive rows with the same prompt (ids and mask); sum N."""
+        same = ((self.prompt_ids[1:] == self.prompt_ids[:-1]) & (self.prompt_mask[1:] == self.prompt_mask[:-1])).all(1)
+        return run_lengths(~same)
+
+
+def run_lengths(new_run: torch.Tensor) -> torch.Tensor:
+    """Run lengths from the [N-1] flags 'row i+1 starts a new run' (row 0 always does)."""
+    starts = torch.cat([new_run.new_ones(1), new_run]).nonzero().squeeze(1)
+    ends = torch.cat([starts[1:], starts.new_tensor([new_run.numel() + 1])])
+    return (ends - starts).to(new_run.device)
+
+
+def position_ids(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of a left-padded batch: 0 at each row's first real token (pads get 0)."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+# ---------------------------------------------------------------------- shared prompts
+# GRPO samples num_generations completions of each prompt. Causal attention makes a prompt's keys and
+# values independent of what follows, so a group's prompt is run once and its KV cache copied to the
+# group's rows: once in generation (prefill), once in every log-prob forward (policy, old, reference),
+# where the gradient of the copies sums back into the one prompt pass. Values are those of the full
+# forward up to rounding; the prompt's share of the compute falls by the group size.
+
+def cache_argument(model) -> str:
+    """The keyword a transformers model takes its KV cache under: ``cache`` (transformers >= 5.2x) or
+    ``past_key_values`` (before); outputs return it under the same name."""
+    module = getattr(model, "module", model)  # a DeepSpeed engine or DDP wrapper
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+def prefill(model, ids: torch.Tensor, mask: torch.Tensor, counts: torch.Tensor, cache_kw: str):
+    """Runs the prompts ``ids``/``mask`` [R, P'] once (``model`` a causal LM or its decoder) and returns
+    their KV cache with row r repeated counts[r] times, or None when the model returns no cache (a model
+    without one, or gradient checkpointing in training mode, where transformers turns it off)."""
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(
+        getattr(model, "module", model).forward).parameters else {}
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True, **extra)
+    cache = getattr(out, cache_kw, None)
+    if cache is None:
+        return None
+    if bool((counts == counts[0]).all()):
+        cache.batch_repeat_interleave(int(counts[0]))
+    else:
+        cache.batch_repeat_interleave(counts)  # torch.repeat_interleave takes per-row counts
+    return cache
+
+
+def full_inputs(rb: Rollout) -> dict:
+    """Prompt + completion ids [N, P+T], attention mask and the position ids generation used; outputs at
+    the last T+1 positions but one predict the T completion tokens."""
+    attn = torch.cat([rb.prompt_mask, rb.attention_mask], dim=1)
+    return {"input_ids": torch.cat([rb.prompt_ids, rb.completion_ids], dim=1), "attention_mask": attn,
+            "position_ids": position_ids(attn)}
+
+
+def shared_prompt_inputs(rb: Rollout, prefix_model, cache_kw: str) -> Optional[dict]:
+    """Inputs [N, T] whose outputs at all T positions predict the T completion tokens: each run of rows
+    with the same prompt is run once through ``prefix_model`` (all prompt tokens but the last), and the
+    rows are fed the last prompt token and their completions but the last token, on the expanded cache.
+    None when no prompt is shared (nothing to save) or no cache came back: use ``full_inputs``."""
+    counts = rb.prompt_runs()
+    if counts.numel() == len(rb) or rb.prompt_ids.shape[1] < 2:
+        return None
+    first = counts.cumsum(0) - counts
+    cache = prefill(prefix_model, rb.prompt_ids[first, :-1], rb.prompt_mask[first, :-1], counts, cache_kw)
+    if cache is None:
+        return None
+    T = rb.completion_ids.shape[1]
+    attn = torch.cat([rb.prompt_mask, rb.attention_mask[:, :-1]], dim=1)
+    return {"input_ids": torch.cat([rb.prompt_ids[:, -1:], rb.completion_ids[:, :-1]], dim=1),
+            "attention_mask": attn, "position_ids": position_ids(attn)[:, -T:], cache_kw: cache, "use_cache": True}
 
 
 def tokenize_prompts(tokenizer, prompts: list[str], max_prompt_length: Optional[int], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,8 +147,11 @@ def eos_ids(tokenizer, model) -> list[int]:
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], *, max_prompt_length: Optional[int], max_new_tokens: int,
              do_sample: bool, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-             mask_truncated: bool = False, batch_size: Optional[int] = None) -> Rollout:
+             mask_truncated: bool = False, batch_size: Optional[int] = None, share_prompt: bool = True) -> Rollout:
     """Sample (or greedily decode) one completion per prompt string.
+
+    With ``share_prompt``, consecutive copies of the same prompt (a GRPO group) are prefilled once and
+    their KV cache repeated for each copy; the sampling loop is transformers' ``generate``, unchanged.
 
     Completions stop at the first EOS; tokens after it are padding and masked out. With
     ``mask_truncated`` the whole mask of a completion that never produced EOS is zeroed.
@@ -90,10 +168,21 @@ def generate(model, tokenizer, prompts: list[str], *, max_prompt_length: Optiona
     model.eval()
     batch_size = batch_size or len(prompts)
     parts = []
+    cache_kw = cache_argument(model)
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
-        ids, mask = tokenize_prompts(tokenizer, chunk, max_prompt_length, device)
-        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg)
+        new_run = torch.tensor([a != b for a, b in zip(chunk[1:], chunk[:-1])], dtype=torch.bool)
+        counts = run_lengths(new_run).to(device)
+        first = (counts.cumsum(0) - counts).tolist()
+        ids, mask = tokenize_prompts(tokenizer, [chunk[i] for i in first], max_prompt_length, device)
+        extra = {}
+        if share_prompt and len(first) < len(chunk) and ids.shape[1] > 1:
+            # each distinct prompt prefilled once (all tokens but the last); generate() runs the rest
+            cache = prefill(model, ids[:, :-1], mask[:, :-1], counts, cache_kw)
+            if cache is not None:
+                extra[cache_kw] = cache
+        ids, mask = ids.repeat_interleave(counts, dim=0), mask.repeat_interleave(counts, dim=0)
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg, **extra)
         parts.append((ids, mask, out[:, ids.shape[1]:]))
     model.train(was_training)
     prompt_ids = _pad_cat([p[0] for p in parts], pad, left=True)

@@ -27,7 +27,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from grpo_scale import checkpoint as ckpt
 from grpo_scale.config import ConfigError, GRPOConfig
 from grpo_scale.rewards import check_reward_columns, compute_rewards, correctness_reward, get_reward_funcs
-from grpo_scale.rollout import Rollout, generate, group_advantages
+from grpo_scale.rollout import (Rollout, cache_argument, full_inputs, generate, group_advantages,
+                                shared_prompt_inputs)
 from grpo_scale.tasks import ProblemStream, make_eval_set, render_prompt
 
 logger = logging.getLogger("grpo_scale")
@@ -247,6 +248,7 @@ class GRPOTrainer:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False  # training forwards; generation turns the cache on explicitly
         self.model = model
+        self.cache_kw = cache_argument(model)
         if self.ref_model is not None:
             self.ref_model = self.ref_model.to(self.acc.device).eval().requires_grad_(False)
             if cfg.bf16:
@@ -319,24 +321,29 @@ class GRPOTrainer:
     def _render(self, rows: list[dict]) -> list[str]:
         return [render_prompt(self.tokenizer, r["prompt"], self.cfg.system_prompt) for r in rows]
 
-    @staticmethod
-    def _model_inputs(rb: Rollout) -> dict:
-        """Prompt + completion ids [N, P+T], attention mask and the position ids generation used."""
-        attn = torch.cat([rb.prompt_mask, rb.attention_mask], dim=1)
-        return {"input_ids": torch.cat([rb.prompt_ids, rb.completion_ids], dim=1), "attention_mask": attn,
-                "position_ids": (attn.cumsum(-1) - 1).clamp(min=0)}
+    def _inputs(self, model, rb: Rollout, prefix_model) -> tuple[dict, int]:
+        """(model inputs, how many of the last output positions to keep and drop the last of) for the
+        forward that predicts rb's completion tokens; shared-prompt inputs where the config allows."""
+        inner = self.acc.unwrap_model(model)
+        if self.cfg.share_prompt and not (inner.training and getattr(inner, "is_gradient_checkpointing", False)):
+            inputs = shared_prompt_inputs(rb, prefix_model, self.cache_kw)
+            if inputs is not None:
+                return inputs, rb.completion_ids.shape[1]
+        return full_inputs(rb), rb.completion_ids.shape[1] + 1
 
     def _logits(self, model, rb: Rollout) -> torch.Tensor:
         """Policy logits [N, T, V] for the completion positions only (no full-sequence logits)."""
-        T = rb.completion_ids.shape[1]
-        return model(**self._model_inputs(rb), logits_to_keep=T + 1).logits[:, :-1]
+        inputs, keep = self._inputs(model, rb, model)
+        logits = model(**inputs, logits_to_keep=keep).logits
+        return logits if keep == rb.completion_ids.shape[1] else logits[:, :-1]
 
     def _hidden(self, model, rb: Rollout) -> tuple[torch.Tensor, torch.nn.Module]:
         """Last hidden states [N, T, H] of the completion positions, and the lm_head module."""
         inner = self.acc.unwrap_model(model)
-        T = rb.completion_ids.shape[1]
-        hidden = inner.get_decoder()(**self._model_inputs(rb)).last_hidden_state
-        return hidden[:, -T - 1:-1], inner.get_output_embeddings()
+        decoder = inner.get_decoder()
+        inputs, keep = self._inputs(model, rb, decoder)
+        hidden = decoder(**inputs).last_hidden_state[:, -keep:]
+        return (hidden if keep == rb.completion_ids.shape[1] else hidden[:, :-1]), inner.get_output_embeddings()
 
     @torch.no_grad()
     def _logps(self, model, rollout: Rollout) -> torch.Tensor:
@@ -361,7 +368,7 @@ class GRPOTrainer:
             rollout = generate(model, self.tokenizer, self._render(mine), max_prompt_length=cfg.max_prompt_length,
                                max_new_tokens=cfg.max_completion_length, do_sample=True,
                                temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                               mask_truncated=cfg.mask_truncated_completions)
+                               mask_truncated=cfg.mask_truncated_completions, share_prompt=cfg.share_prompt)
         t1 = time.perf_counter()
         columns = {k: [r.get(k) for r in mine] for k in mine[0] if k != "prompt"}
         per_func, total = compute_rewards(self.reward_funcs, self.reward_weights, rollout.prompts,

@@ -1,5 +1,6 @@
 """The trainer end to end on the embedded model: single process, and 2 ranks under DeepSpeed ZeRO."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -150,3 +151,30 @@ def test_loss_impls_train_the_same(tmp_path):
     for impl in ("triton", "fused_linear"):
         assert torch.allclose(results[impl][0], results["eager"][0], rtol=1e-3, atol=1e-6), impl
         assert torch.allclose(results[impl][1], results["eager"][1], atol=5e-5), impl
+
+
+def test_shared_prompts_train_the_same(tmp_path):
+    """share_prompt on and off: the same old and reference log-probs, losses and weights from one rollout,
+    with groups of 4 split across micro-batches of 6 (runs of 4+2 and 2+4 rows)."""
+    args = ["--beta", "0.1", "--num_iterations", "2", "--gradient_accumulation_steps", "2",
+            "--per_device_train_batch_size", "6", "--max_steps", "2", "--learning_rate", "1e-5",
+            "--temperature", "2.0"]
+    shared = make_trainer(tmp_path / "shared", *args)
+    full = make_trainer(tmp_path / "full", *args, "--share_prompt", "false")
+    batch = shared.generate_and_score()
+    ro = batch["rollout"]
+    assert [r.prompt_runs().tolist() for r in (ro.select(slice(0, 6)), ro.select(slice(6, 12)))] == [[4, 2], [2, 4]]
+    assert torch.allclose(full._logps(full.model, ro), batch["old_logps"], atol=1e-5)
+    assert torch.allclose(full._logps(full.ref_model, ro), batch["ref_logps"], atol=1e-5)
+    m_shared, m_full = shared.grpo_step(batch), full.grpo_step(batch)
+    for key in ("loss", "kl_mean", "entropy_mean", "grad_norm"):
+        assert m_shared[key] == pytest.approx(m_full[key], rel=1e-4, abs=1e-7), key
+    assert torch.allclose(params_of(shared), params_of(full), atol=5e-5)
+
+
+def test_gradient_checkpointing_uses_the_full_forward(tmp_path):
+    """transformers turns the KV cache off under gradient checkpointing: the policy forward falls back."""
+    trainer = make_trainer(tmp_path, "--gradient_checkpointing", "true", "--max_steps", "1", "--temperature", "2.0")
+    before = params_of(trainer)
+    m = trainer.grpo_step(trainer.generate_and_score())
+    assert math.isfinite(m["loss"]) and not torch.equal(before, params_of(trainer))
