@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from transformers import GenerationConfig
 
 logger = logging.getLogger(__name__)
 
@@ -144,6 +143,77 @@ def eos_ids(tokenizer, model) -> list[int]:
     return ids
 
 
+def warp_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Sampling scores [N, V] in float32: transformers' warpers in its order, temperature, then top-k (0: off),
+    then top-p (nucleus; the most likely token is always kept). Removed tokens get -inf."""
+    scores = logits.float()
+    if temperature != 1.0:
+        scores = scores / temperature
+    if top_k and top_k > 0:
+        kth = torch.topk(scores, min(top_k, scores.shape[-1]), dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p < 1.0:
+        ascending, order = torch.sort(scores, dim=-1)
+        drop = ascending.softmax(-1).cumsum(-1) <= 1 - top_p
+        drop[..., -1] = False
+        scores = scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return scores
+
+
+@torch.no_grad()
+def sample(model, ids: torch.Tensor, mask: torch.Tensor, *, cache, cache_kw: str, max_new_tokens: int,
+           eos: list[int], pad: int, do_sample: bool, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+           drop_finished: bool = True) -> torch.Tensor:
+    """Completion ids [N, T <= max_new_tokens] for the left-padded prompts ``ids``/``mask`` [N, P], padded
+    with ``pad`` after each row's first EOS: the decoding loop over the model's KV cache.
+
+    ``cache`` holds the keys and values of ``ids[:, :-1]`` (``prefill``) or is None (the whole prompt is
+    run first). Each step samples from ``warp_logits`` (or takes the argmax), as transformers' generate
+    does. With ``drop_finished`` a row leaves the batch (and its cache) at its EOS, so the last steps run
+    on the rows still going; each row's tokens follow the same distribution either way, but the random
+    draws are shared out differently. Without it, finished rows are fed padding to the end, as generate
+    does, which gives generate's tokens for the same seed.
+    """
+    N = ids.shape[0]
+    out = ids.new_full((N, max_new_tokens), pad)
+    rows = torch.arange(N, device=ids.device)          # the batch row -> its row in ``out``
+    done = torch.zeros(N, dtype=torch.bool, device=ids.device)
+    eos_t = torch.tensor(eos, device=ids.device)
+    keep_one = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(
+        getattr(model, "module", model).forward).parameters else {}
+    seq, attn = ids, mask
+    inp, pos = (ids, position_ids(mask)) if cache is None else (ids[:, -1:], position_ids(mask)[:, -1:])
+    steps = 0
+    for steps in range(1, max_new_tokens + 1):
+        step_cache = {cache_kw: cache} if cache is not None else {}
+        o = model(input_ids=inp, attention_mask=attn, position_ids=pos, use_cache=True, **step_cache, **keep_one)
+        cache = getattr(o, cache_kw, None)
+        scores = o.logits[:, -1]
+        if do_sample:
+            nxt = torch.multinomial(warp_logits(scores, temperature, top_k, top_p).softmax(-1), 1).squeeze(1)
+        else:
+            nxt = scores.argmax(-1)
+        nxt = nxt.masked_fill(done, pad)
+        out[rows, steps - 1] = nxt
+        done = done | torch.isin(nxt, eos_t)
+        if bool(done.all()):
+            break
+        if drop_finished and bool(done.any()):
+            live = (~done).nonzero().squeeze(1)
+            rows, nxt, attn, pos, done = rows[live], nxt[live], attn[live], pos[live], done[live]
+            seq = seq[live]
+            if cache is not None:
+                cache.batch_select_indices(live)
+        attn = torch.cat([attn, attn.new_ones(attn.shape[0], 1)], dim=1)
+        pos = pos[:, -1:] + 1
+        if cache is None:  # a model without a KV cache: the whole sequence again
+            seq = torch.cat([seq, nxt.unsqueeze(1)], dim=1)
+            inp, pos = seq, position_ids(attn)
+        else:
+            inp = nxt.unsqueeze(1)
+    return out[:, :steps]
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], *, max_prompt_length: Optional[int], max_new_tokens: int,
              do_sample: bool, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
@@ -151,7 +221,7 @@ def generate(model, tokenizer, prompts: list[str], *, max_prompt_length: Optiona
     """Sample (or greedily decode) one completion per prompt string.
 
     With ``share_prompt``, consecutive copies of the same prompt (a GRPO group) are prefilled once and
-    their KV cache repeated for each copy; the sampling loop is transformers' ``generate``, unchanged.
+    their KV cache repeated for each copy. Decoding is ``sample``: top-k 0 and top-p 1 are off.
 
     Completions stop at the first EOS; tokens after it are padding and masked out. With
     ``mask_truncated`` the whole mask of a completion that never produced EOS is zeroed.
@@ -159,11 +229,6 @@ def generate(model, tokenizer, prompts: list[str], *, max_prompt_length: Optiona
     device = next(model.parameters()).device
     eos = eos_ids(tokenizer, model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    gen_cfg = GenerationConfig(
-        do_sample=do_sample, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad,
-        temperature=temperature if do_sample else None, top_p=top_p if do_sample else None,
-        top_k=top_k if do_sample else None, repetition_penalty=1.0, use_cache=True,  # 0: off (None would mean 50)
-    )
     was_training = model.training
     model.eval()
     batch_size = batch_size or len(prompts)
@@ -175,21 +240,17 @@ def generate(model, tokenizer, prompts: list[str], *, max_prompt_length: Optiona
         counts = run_lengths(new_run).to(device)
         first = (counts.cumsum(0) - counts).tolist()
         ids, mask = tokenize_prompts(tokenizer, [chunk[i] for i in first], max_prompt_length, device)
-        extra = {}
+        cache = None
         if share_prompt and len(first) < len(chunk) and ids.shape[1] > 1:
-            # each distinct prompt prefilled once (all tokens but the last); generate() runs the rest
-            cache = prefill(model, ids[:, :-1], mask[:, :-1], counts, cache_kw)
-            if cache is not None:
-                extra[cache_kw] = cache
+            cache = prefill(model, ids[:, :-1], mask[:, :-1], counts, cache_kw)  # each distinct prompt once
         ids, mask = ids.repeat_interleave(counts, dim=0), mask.repeat_interleave(counts, dim=0)
-        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg, **extra)
-        parts.append((ids, mask, out[:, ids.shape[1]:]))
+        completion = sample(model, ids, mask, cache=cache, cache_kw=cache_kw, max_new_tokens=max_new_tokens,
+                            eos=eos, pad=pad, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
+        parts.append((ids, mask, completion))
     model.train(was_training)
     prompt_ids = _pad_cat([p[0] for p in parts], pad, left=True)
     prompt_mask = _pad_cat([p[1] for p in parts], 0, left=True)
     completion_ids = _pad_cat([p[2] for p in parts], pad, left=False)
-    if completion_ids.shape[1] == 0:  # every prompt ended immediately (cannot happen with max_new_tokens >= 1)
-        completion_ids = torch.full((len(prompts), 1), pad, device=device)
     completion_mask, is_truncated = completion_mask_from_ids(completion_ids, eos)
     completion_ids = completion_ids.masked_fill(completion_mask == 0, pad)
     attention_mask = completion_mask.clone()

@@ -1,0 +1,98 @@
+"""The decoding loop (rollout.sample) against transformers' generate: the same warpers, the same greedy
+completions, the same sampled tokens for a seed when finished rows stay in the batch, and the same greedy
+completions when they leave it (so the cache rows follow their completions)."""
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
+                                                    TopPLogitsWarper)
+
+import grpo_scale
+from grpo_scale.rollout import cache_argument, eos_ids, sample, tokenize_prompts, warp_logits
+from grpo_scale.tasks import ProblemStream
+from grpo_scale.tasks.prompts import render_prompt
+
+EMBEDDED_DIR = Path(grpo_scale.__file__).parent / "assets" / "tiny-math"
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tok = AutoTokenizer.from_pretrained(EMBEDDED_DIR)
+    model = AutoModelForCausalLM.from_pretrained(EMBEDDED_DIR, dtype=torch.float32, attn_implementation="sdpa").eval()
+    rows = ProblemStream({"arithmetic": 1.0}, [1, 2, 3], seed=11).take(6)
+    prompts = [render_prompt(tok, r["prompt"]) for r in rows for _ in range(2)]
+    ids, mask = tokenize_prompts(tok, prompts, None, "cpu")
+    eos = eos_ids(tok, model)
+    return model, tok, ids, mask, eos
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [
+    (1.0, 0, 1.0), (0.7, 0, 1.0), (1.3, 5, 1.0), (1.0, 0, 0.9), (0.8, 7, 0.5), (1.0, 1000, 0.3), (2.0, 1, 0.99),
+])
+def test_warpers_match_transformers(temperature, top_k, top_p):
+    torch.manual_seed(top_k)
+    logits = torch.randn(9, 263) * 3
+    expected = logits.clone()
+    for warper in ([TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []) + \
+                  ([TopKLogitsWarper(top_k)] if top_k else []) + ([TopPLogitsWarper(top_p)] if top_p < 1 else []):
+        expected = warper(None, expected)
+    ours = warp_logits(logits, temperature, top_k, top_p)
+    assert torch.equal(torch.isinf(ours), torch.isinf(expected))
+    assert torch.allclose(ours.softmax(-1), expected.softmax(-1), atol=1e-7)
+    assert (~torch.isinf(ours)).sum(-1).min() >= 1
+
+
+def hf_generate(model, ids, mask, eos, pad, **kw):
+    cfg = GenerationConfig(max_new_tokens=20, eos_token_id=eos, pad_token_id=pad, repetition_penalty=1.0, **kw)
+    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg)
+    return out[:, ids.shape[1]:]
+
+
+def our_sample(model, ids, mask, eos, pad, **kw):
+    return sample(model, ids, mask, cache=None, cache_kw=cache_argument(model), max_new_tokens=20, eos=eos,
+                  pad=pad, **kw)
+
+
+def test_greedy_matches_generate_with_and_without_dropping_rows(setup):
+    model, tok, ids, mask, eos = setup
+    pad = tok.pad_token_id
+    expected = hf_generate(model, ids, mask, eos, pad, do_sample=False)
+    for drop in (True, False):
+        ours = our_sample(model, ids, mask, eos, pad, do_sample=False, drop_finished=drop)
+        assert torch.equal(ours, expected), drop
+
+
+def test_sampled_tokens_match_generate_for_a_seed(setup):
+    model, tok, ids, mask, eos = setup
+    pad = tok.pad_token_id
+    kw = dict(temperature=1.4, top_k=30, top_p=0.95)
+    torch.manual_seed(7)
+    expected = hf_generate(model, ids, mask, eos, pad, do_sample=True, **kw)
+    torch.manual_seed(7)
+    ours = our_sample(model, ids, mask, eos, pad, do_sample=True, drop_finished=False, **kw)
+    assert torch.equal(ours, expected)
+    lengths = (ours != pad).sum(1)
+    assert lengths.min() < lengths.max(), "want rows that finish at different steps"
+
+
+def test_dropped_rows_sample_from_their_own_distribution(setup):
+    """Rows leave the batch at their EOS: every later token of every row must still come from that row's
+    own top-3 (scored again by one full forward), which a row fed another row's cache would break."""
+    model, tok, ids, mask, eos = setup
+    pad = tok.pad_token_id
+    torch.manual_seed(1)
+    out = our_sample(model, ids, mask, eos, pad, do_sample=True, drop_finished=True, temperature=1.5, top_k=3)
+    live = torch.ones_like(out, dtype=torch.bool)
+    for t in range(1, out.shape[1]):
+        live[:, t] = live[:, t - 1] & ~torch.isin(out[:, t - 1], torch.tensor(eos))
+    lengths = live.sum(1)
+    assert lengths.min() < lengths.max(), "want rows that finish at different steps"
+    full_ids, full_mask = torch.cat([ids, out], 1), torch.cat([mask, live.long()], 1)
+    with torch.no_grad():
+        logits = model(input_ids=full_ids, attention_mask=full_mask,
+                       position_ids=(full_mask.cumsum(-1) - 1).clamp(min=0)).logits[:, ids.shape[1] - 1:-1]
+    top3 = logits.topk(3, dim=-1).indices
+    in_top3 = (top3 == out.unsqueeze(-1)).any(-1)
+    assert bool(in_top3[live].all()), f"{int((~in_top3[live]).sum())} token(s) outside their row's top-3"
