@@ -2,15 +2,22 @@
 
 Each side runs in its own process (benchmarks/e2e_worker.py) with the same GRPOConfig: model,
 prompts and completions per step, maximum completion length, beta, learning rate, reward functions,
-one process, and on the CPU one torch thread each; top-k sampling with k = 50 on both sides (see
-`run_suite`). The two processes are stepped alternately (ours
-then TRL's, then TRL's then ours, ...), one step at a time, so that a load change on a shared machine
-hits both sides alike. The first `warmup` steps of each side are not reported.
+sampling (temperature, top-k 50), one process, and on the CPU one torch thread each. Sides:
 
-Rows: per side, the step time and its phases (s), steps/s, tokens/s (prompt + completion tokens),
-peak memory, the reward of every measured step (the curve), and the ratio of steps/s ours : TRL's.
-On the CPU the model is the embedded one; on a GPU, a randomly initialised model with
-Qwen2.5-0.5B's shapes (`qwen2_5_0_5b_config`), with the embedded model's tokenizer.
+- `ours`: our trainer as configured (each group's prompt run once: `share_prompt: true`);
+- `ours-unshared`: the same with `share_prompt: false` (one full forward per completion, as TRL does),
+  which shows how much of the difference the shared prompt makes;
+- `trl`: TRL's GRPOTrainer, when installed.
+
+The processes are stepped alternately (forward order, then reverse order, ...), one step at a time, so
+that a load change on a shared machine hits all sides alike. The first `warmup` steps of each side are
+not reported.
+
+Rows: per side, the step time and its phases (s), steps/s, tokens/s (prompt + completion tokens of
+every completion, however they were computed), peak memory, the reward of every measured step (the
+curve), and the ratio of steps/s ours : TRL's. On the CPU the model is the embedded one; on a GPU, a
+randomly initialised model with Qwen2.5-0.5B's shapes (`qwen2_5_0_5b_config`), with the embedded
+model's tokenizer.
 """
 from __future__ import annotations
 
@@ -28,6 +35,7 @@ from benchmarks.records import ROOT, Row, exact, measured, summarize
 EMBEDDED = ROOT / "grpo_scale" / "assets" / "tiny-math"
 PHASES = ("generation", "reward", "logps", "policy", "optimizer", "other")
 TARGET_SPEEDUP = 2.0  # the issue's target on the CPU with the embedded model
+SIDE_OVERRIDES = {"ours": [], "ours-unshared": ["--share_prompt", "false"], "trl": []}
 
 
 def qwen2_5_0_5b_config() -> dict:
@@ -71,8 +79,9 @@ class Worker:
     def __init__(self, side: str, model: str, device: str, steps: int, overrides: list[str], log_dir: Path):
         self.side = side
         self.log_path = log_dir / f"e2e-{side}.log"
-        cmd = [sys.executable, "-m", "benchmarks.e2e_worker", "--side", side, "--model", str(model),
-               "--device", device, "--steps", str(steps), "--", *overrides]
+        cmd = [sys.executable, "-m", "benchmarks.e2e_worker", "--side", "trl" if side == "trl" else "ours",
+               "--model", str(model), "--device", device, "--steps", str(steps), "--", *overrides,
+               *SIDE_OVERRIDES[side]]
         env = {**os.environ, "OMP_NUM_THREADS": "1"} if not device.startswith("cuda") else None
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self.log_path.open("w"), text=True, env=env)
@@ -115,7 +124,7 @@ def run_sides(sides: list[str], model: str, device: str, warmup: int, steps: int
             order = sides if i % 2 == 0 else sides[::-1]
             for side in order:
                 record = workers[side].step()
-                log(f"  {side:5s} step {i}: {record['step_s']:.2f} s, reward {record['reward']:.3f}"
+                log(f"  {side:13s} step {i}: {record['step_s']:.2f} s, reward {record['reward']:.3f}"
                     f"{' (warm-up)' if i < warmup else ''}")
                 if i >= warmup:
                     records[side].append(record)
@@ -149,9 +158,7 @@ def run_suite(device: str, quick: bool, model: str | None = None, with_trl: bool
     """Measures our trainer, and TRL's with the same settings when installed (and `with_trl`)."""
     cuda = device.startswith("cuda")
     warmup, steps = (1, 3) if quick else (2, 20 if not cuda else 8)
-    # top_k is set explicitly: our rollout hands transformers top_k=None for the config's "0: off",
-    # which transformers 5 turns into its default of 50, while TRL passes 0 (no filter). Naming 50
-    # makes both sides sample from the same distribution (and complete to the same lengths).
+    # top-k 50 on every side whatever the config file says: the demo's sampling, the same on both.
     overrides = ["--top_k", "50", *(overrides or [])]
     if cuda:
         overrides = ["--loss_impl", "auto", "--max_completion_length", "256", *overrides]
@@ -166,7 +173,7 @@ def run_suite(device: str, quick: bool, model: str | None = None, with_trl: bool
             log("  building a random model with Qwen2.5-0.5B's shapes")
             model = str(build_random_model(tempfile.mkdtemp(prefix="qwen-0.5b-random-"), EMBEDDED))
             name = "qwen2.5-0.5b-random"
-    sides = ["ours"]
+    sides = ["ours", "ours-unshared"]
     skipped = []
     if with_trl and trl_available():
         sides.append("trl")

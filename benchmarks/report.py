@@ -94,7 +94,7 @@ def traffic_table(rows: list[dict]) -> str:
 
 
 def e2e_table(rows: list[dict]) -> str:
-    sides = list(dict.fromkeys(r["provider"] for r in rows if r["provider"] != "ours/trl"))
+    sides = list(dict.fromkeys(r["provider"] for r in rows if "/" not in r["provider"]))
     get = {(r["provider"], r["metric"], r["mode"]): r for r in rows if r["metric"] != "reward_mean"}
     lines = []
     for side in sides:
