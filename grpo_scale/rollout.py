@@ -60,22 +60,25 @@ def position_ids(mask: torch.Tensor) -> torch.Tensor:
 # where the gradient of the copies sums back into the one prompt pass. Values are those of the full
 # forward up to rounding; the prompt's share of the compute falls by the group size.
 
+def _accepts(model, name: str) -> bool:
+    """Whether the forward of ``model`` (or of the module a DeepSpeed engine or DDP wraps) takes ``name``."""
+    return name in inspect.signature(getattr(model, "module", model).forward).parameters
+
+
 def cache_argument(model) -> str:
-    """The keyword a transformers model takes its KV cache under: ``cache`` (transformers >= 5.2x) or
-    ``past_key_values`` (before); outputs return it under the same name."""
-    module = getattr(model, "module", model)  # a DeepSpeed engine or DDP wrapper
-    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+    """The keyword a transformers model takes its KV cache under: ``cache`` (recent transformers) or
+    ``past_key_values`` (older); outputs return it under the same name."""
+    return "cache" if _accepts(model, "cache") else "past_key_values"
 
 
 def prefill(model, ids: torch.Tensor, mask: torch.Tensor, counts: torch.Tensor, cache_kw: str):
     """Runs the prompts ``ids``/``mask`` [R, P'] once (``model`` a causal LM or its decoder) and returns
     their KV cache with row r repeated counts[r] times, or None when the model returns no cache (a model
     without one, or gradient checkpointing in training mode, where transformers turns it off)."""
-    extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(
-        getattr(model, "module", model).forward).parameters else {}
+    extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
     out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True, **extra)
     cache = getattr(out, cache_kw, None)
-    if cache is None:
+    if cache is None or not hasattr(cache, "batch_repeat_interleave"):  # none, or a legacy tuple cache
         return None
     if bool((counts == counts[0]).all()):
         cache.batch_repeat_interleave(int(counts[0]))
@@ -179,8 +182,7 @@ def sample(model, ids: torch.Tensor, mask: torch.Tensor, *, cache, cache_kw: str
     rows = torch.arange(N, device=ids.device)          # the batch row -> its row in ``out``
     done = torch.zeros(N, dtype=torch.bool, device=ids.device)
     eos_t = torch.tensor(eos, device=ids.device)
-    keep_one = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(
-        getattr(model, "module", model).forward).parameters else {}
+    keep_one = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
     seq, attn = ids, mask
     inp, pos = (ids, position_ids(mask)) if cache is None else (ids[:, -1:], position_ids(mask)[:, -1:])
     steps = 0
@@ -198,7 +200,7 @@ def sample(model, ids: torch.Tensor, mask: torch.Tensor, *, cache, cache_kw: str
         done = done | torch.isin(nxt, eos_t)
         if bool(done.all()):
             break
-        if drop_finished and bool(done.any()):
+        if drop_finished and bool(done.any()) and (cache is None or hasattr(cache, "batch_select_indices")):
             live = (~done).nonzero().squeeze(1)
             rows, nxt, attn, pos, done = rows[live], nxt[live], attn[live], pos[live], done[live]
             seq = seq[live]
