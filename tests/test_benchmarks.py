@@ -125,3 +125,25 @@ def test_plots_are_drawn_from_the_csv(smallest_rows, tmp_path):
     written = plot.plot_all(tmp_path, "cpu")
     assert {p.name for p in written} == {"cpu-kernel-time.png", "cpu-kernel-memory.png", "cpu-traffic.png"}
     assert all(p.stat().st_size > 1000 for p in written)
+
+
+def test_e2e_suite_steps_our_sides_on_a_random_qwen2(tmp_path):
+    """The e2e harness end to end on CPU (worker processes, line protocol, rows): our two sides on a
+    randomly initialised model built by the GPU path's builder, shrunk to run in seconds."""
+    from transformers import AutoTokenizer
+
+    vocab = len(AutoTokenizer.from_pretrained(e2e_suite.EMBEDDED))
+    model = e2e_suite.build_random_model(tmp_path / "qwen2-small", e2e_suite.EMBEDDED, hidden_size=32,
+                                         intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, vocab_size=vocab)
+    rows = e2e_suite.run_suite("cpu", quick=True, model=str(model), with_trl=False, log=quiet,
+                               overrides=["--max_completion_length", "6", "--per_device_train_batch_size", "8",
+                                          "--num_generations", "4"])
+    for side in ("ours", "ours-unshared"):
+        (rate,) = by(rows, provider=side, metric="steps_per_s")
+        assert rate.status == "ok" and rate.median > 0 and rate.n == 3
+        assert len(by(rows, provider=side, metric="reward_mean")) == 3
+        (length,) = by(rows, provider=side, metric="completion_length")
+        assert 1 <= length.median <= 6
+    assert rows[0].shape.startswith("qwen2-small: 2 prompts x 4 completions")
+    assert not by(rows, provider="ours/trl")

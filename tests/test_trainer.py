@@ -103,10 +103,11 @@ def test_missing_embedded_model_says_how_to_build_it(tmp_path):
         GRPOTrainer(cfg).setup()
 
 
-@pytest.mark.parametrize("zero, impl", [("zero2", "eager"), ("zero3", "fused_linear")])
+@pytest.mark.parametrize("zero, impl", [("zero2", "eager"), ("zero3", "eager"), ("zero3", "fused_linear")])
 def test_two_ranks_under_deepspeed(tmp_path, zero, impl):
     """2 CPU ranks: distinct indices, distinct prompts, parameters moved identically on both; under
-    ZeRO-3 with the fused-linear loss (a partitioned, tied lm_head weight) and the final save gathered."""
+    ZeRO-3 with the shared-prompt forward (two passes through the engine before one backward) and with
+    the fused-linear loss (a partitioned, tied lm_head weight), and the final save gathered."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(ROOT / "accelerate_configs" / f"{zero}.yaml"), str(ROOT / "tests" / "dist_probe.py"),
