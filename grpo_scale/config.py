@@ -75,7 +75,9 @@ class GRPOConfig:
     share_prompt: bool = _f(True, "Run each group's prompt once: generation prefills it once and copies its KV "
                             "cache to the group's completions, and the policy, old and reference forwards do the "
                             "same (the gradient flows through the shared pass). Same values as one full forward "
-                            "per completion, up to rounding. Not applied under gradient_checkpointing.")
+                            "per completion, up to rounding (with dropout on, a group's prompt shares one mask). "
+                            "Not applied under gradient_checkpointing; turned off, with a warning, for models whose "
+                            "cache has more than keys and values (linear-attention, SSM, quantized caches).")
 
     # ------------------------------------------------------------------ rewards and advantages
     reward_funcs: list = _f(["correctness", "format"], "Reward functions: built-ins (correctness, format) or "

@@ -45,7 +45,7 @@ def run_lengths(new_run: torch.Tensor) -> torch.Tensor:
     """Run lengths from the [N-1] flags 'row i+1 starts a new run' (row 0 always does)."""
     starts = torch.cat([new_run.new_ones(1), new_run]).nonzero().squeeze(1)
     ends = torch.cat([starts[1:], starts.new_tensor([new_run.numel() + 1])])
-    return (ends - starts).to(new_run.device)
+    return ends - starts
 
 
 def position_ids(mask: torch.Tensor) -> torch.Tensor:
@@ -71,15 +71,37 @@ def cache_argument(model) -> str:
     return "cache" if _accepts(model, "cache") else "past_key_values"
 
 
+class CacheNotRepeatable(RuntimeError):
+    """The model's KV cache cannot be repeated or selected by row (see ``repeatable_cache``)."""
+
+
+def repeatable_cache(cache) -> bool:
+    """Whether every layer of ``cache`` holds only keys and values (transformers' DynamicLayer family, which
+    repeats and selects rows, indexer keys included). Linear-attention and hybrid layers (conv and
+    recurrent states), SSM caches, quantized layers and legacy tuples do not qualify."""
+    from transformers import cache_utils
+    layers = getattr(cache, "layers", None)
+    if not layers or not hasattr(cache_utils, "DynamicLayer"):
+        return False
+    excluded = tuple(getattr(cache_utils, name) for name in ("LinearAttentionCacheLayerMixin", "BaseQuantizedLayer")
+                     if hasattr(cache_utils, name))
+    return all(isinstance(layer, cache_utils.DynamicLayer) and not isinstance(layer, excluded) for layer in layers)
+
+
 def prefill(model, ids: torch.Tensor, mask: torch.Tensor, counts: torch.Tensor, cache_kw: str):
     """Runs the prompts ``ids``/``mask`` [R, P'] once (``model`` a causal LM or its decoder) and returns
-    their KV cache with row r repeated counts[r] times, or None when the model returns no cache (a model
-    without one, or gradient checkpointing in training mode, where transformers turns it off)."""
+    their KV cache with row r repeated counts[r] times, or None when the model returns no cache
+    (gradient checkpointing in training mode, where transformers turns it off). Raises
+    ``CacheNotRepeatable`` for a cache whose rows cannot be repeated."""
     extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
     out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True, **extra)
     cache = getattr(out, cache_kw, None)
-    if cache is None or not hasattr(cache, "batch_repeat_interleave"):  # none, or a legacy tuple cache
+    if cache is None:
         return None
+    if not repeatable_cache(cache):
+        kinds = sorted({type(layer).__name__ for layer in getattr(cache, "layers", [])}) or [type(cache).__name__]
+        raise CacheNotRepeatable(f"share_prompt: the KV cache of this model ({', '.join(kinds)}) cannot be "
+                                 "repeated for each completion of a group; set share_prompt: false")
     if bool((counts == counts[0]).all()):
         cache.batch_repeat_interleave(int(counts[0]))
     else:
@@ -99,7 +121,8 @@ def shared_prompt_inputs(rb: Rollout, prefix_model, cache_kw: str) -> Optional[d
     """Inputs [N, T] whose outputs at all T positions predict the T completion tokens: each run of rows
     with the same prompt is run once through ``prefix_model`` (all prompt tokens but the last), and the
     rows are fed the last prompt token and their completions but the last token, on the expanded cache.
-    None when no prompt is shared (nothing to save) or no cache came back: use ``full_inputs``."""
+    None when no prompt is shared (nothing to save) or no cache came back: use ``full_inputs``. Raises
+    ``CacheNotRepeatable`` for a model whose cache rows cannot be repeated."""
     counts = rb.prompt_runs()
     if counts.numel() == len(rb) or rb.prompt_ids.shape[1] < 2:
         return None
@@ -120,7 +143,7 @@ def tokenize_prompts(tokenizer, prompts: list[str], max_prompt_length: Optional[
     ids, mask = enc["input_ids"], enc["attention_mask"]
     if max_prompt_length is not None and ids.shape[1] > max_prompt_length:
         n_long = int((mask.sum(1) > max_prompt_length).sum())
-        logger.warning("%d prompt(s) longer than max_prompt_length=%d tokens were left-truncated",
+        logger.warning("%d distinct prompt(s) longer than max_prompt_length=%d tokens were left-truncated",
                        n_long, max_prompt_length)
         ids, mask = ids[:, -max_prompt_length:], mask[:, -max_prompt_length:]
     return ids.to(device), mask.to(device)
@@ -198,9 +221,10 @@ def sample(model, ids: torch.Tensor, mask: torch.Tensor, *, cache, cache_kw: str
         nxt = nxt.masked_fill(done, pad)
         out[rows, steps - 1] = nxt
         done = done | torch.isin(nxt, eos_t)
-        if bool(done.all()):
+        n_done = int(done.sum())  # the step's one wait for the device
+        if n_done == done.numel():
             break
-        if drop_finished and bool(done.any()) and (cache is None or hasattr(cache, "batch_select_indices")):
+        if drop_finished and n_done and (cache is None or repeatable_cache(cache)):
             live = (~done).nonzero().squeeze(1)
             rows, nxt, attn, pos, done = rows[live], nxt[live], attn[live], pos[live], done[live]
             seq = seq[live]
@@ -223,11 +247,14 @@ def generate(model, tokenizer, prompts: list[str], *, max_prompt_length: Optiona
     """Sample (or greedily decode) one completion per prompt string.
 
     With ``share_prompt``, consecutive copies of the same prompt (a GRPO group) are prefilled once and
-    their KV cache repeated for each copy. Decoding is ``sample``: top-k 0 and top-p 1 are off.
+    their KV cache repeated for each copy (``CacheNotRepeatable`` when the model's cache cannot be).
+    Decoding is ``sample``: top-k 0 and top-p 1 are off.
 
     Completions stop at the first EOS; tokens after it are padding and masked out. With
     ``mask_truncated`` the whole mask of a completion that never produced EOS is zeroed.
     """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     device = next(model.parameters()).device
     eos = eos_ids(tokenizer, model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]

@@ -27,8 +27,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from grpo_scale import checkpoint as ckpt
 from grpo_scale.config import ConfigError, GRPOConfig
 from grpo_scale.rewards import check_reward_columns, compute_rewards, correctness_reward, get_reward_funcs
-from grpo_scale.rollout import (Rollout, cache_argument, full_inputs, generate, group_advantages,
-                                shared_prompt_inputs)
+from grpo_scale.rollout import (CacheNotRepeatable, Rollout, cache_argument, full_inputs, generate,
+                                group_advantages, shared_prompt_inputs)
 from grpo_scale.tasks import ProblemStream, make_eval_set, render_prompt
 
 logger = logging.getLogger("grpo_scale")
@@ -249,6 +249,7 @@ class GRPOTrainer:
         model.config.use_cache = False  # training forwards; generation turns the cache on explicitly
         self.model = model
         self.cache_kw = cache_argument(model)
+        self.share_prompt = cfg.share_prompt  # turned off at the first cache that cannot be repeated
         if self.ref_model is not None:
             self.ref_model = self.ref_model.to(self.acc.device).eval().requires_grad_(False)
             if cfg.bf16:
@@ -325,11 +326,21 @@ class GRPOTrainer:
         """(model inputs, how many of the last output positions to keep and drop the last of) for the
         forward that predicts rb's completion tokens; shared-prompt inputs where the config allows."""
         inner = self.acc.unwrap_model(model)
-        if self.cfg.share_prompt and not (inner.training and getattr(inner, "is_gradient_checkpointing", False)):
-            inputs = shared_prompt_inputs(rb, prefix_model, self.cache_kw)
+        if self.share_prompt and not (inner.training and getattr(inner, "is_gradient_checkpointing", False)):
+            try:
+                inputs = shared_prompt_inputs(rb, prefix_model, self.cache_kw)
+            except CacheNotRepeatable as e:
+                self._stop_sharing(e)
+                inputs = None
             if inputs is not None:
                 return inputs, rb.completion_ids.shape[1]
         return full_inputs(rb), rb.completion_ids.shape[1] + 1
+
+    def _stop_sharing(self, why: Exception) -> None:
+        """share_prompt off for the rest of the run (every rank reaches this at the same point)."""
+        self.share_prompt = False
+        if self.acc.is_main_process:
+            logger.warning("%s. Running one full forward per completion instead.", str(why).split("; set")[0])
 
     def _logits(self, model, rb: Rollout) -> torch.Tensor:
         """Policy logits [N, T, V] for the completion positions only (no full-sequence logits)."""
@@ -364,11 +375,15 @@ class GRPOTrainer:
         slots = [row for row in rows for _ in range(G)]   # global completion slots, groups consecutive
         mine = slots[rank * local:(rank + 1) * local]
         t0 = time.perf_counter()
+        kwargs = dict(max_prompt_length=cfg.max_prompt_length, max_new_tokens=cfg.max_completion_length,
+                      do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                      mask_truncated=cfg.mask_truncated_completions)
         with self.unwrapped_for_generation() as model:
-            rollout = generate(model, self.tokenizer, self._render(mine), max_prompt_length=cfg.max_prompt_length,
-                               max_new_tokens=cfg.max_completion_length, do_sample=True,
-                               temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                               mask_truncated=cfg.mask_truncated_completions, share_prompt=cfg.share_prompt)
+            try:
+                rollout = generate(model, self.tokenizer, self._render(mine), share_prompt=self.share_prompt, **kwargs)
+            except CacheNotRepeatable as e:
+                self._stop_sharing(e)
+                rollout = generate(model, self.tokenizer, self._render(mine), share_prompt=False, **kwargs)
         t1 = time.perf_counter()
         columns = {k: [r.get(k) for r in mine] for k in mine[0] if k != "prompt"}
         per_func, total = compute_rewards(self.reward_funcs, self.reward_weights, rollout.prompts,
@@ -527,7 +542,8 @@ class GRPOTrainer:
             for s in range(0, len(rows), cfg.eval_batch_size):
                 chunk = rows[s:s + cfg.eval_batch_size]
                 ro = generate(model, self.tokenizer, self._render(chunk), max_prompt_length=cfg.max_prompt_length,
-                              max_new_tokens=cfg.max_completion_length, do_sample=False)
+                              max_new_tokens=cfg.max_completion_length, do_sample=False,
+                              share_prompt=False)  # held-out questions are distinct: nothing to share
                 answers = [r.get("answer") for r in chunk]
                 scores = correctness_reward(ro.prompts, ro.completions, answer=answers)
                 for r, sc, text in zip(chunk, scores, ro.completions):

@@ -112,3 +112,52 @@ def test_nothing_shared_falls_back(model_and_tokenizer):
     ro = generate(model, tok, uneven_prompts(tok)[2:4], max_prompt_length=None, max_new_tokens=4, do_sample=False)
     assert ro.prompt_runs().tolist() == [1, 1]
     assert shared_prompt_inputs(ro, model, cache_argument(model)) is None
+
+
+def hybrid_model(tok):
+    """A small random Qwen3.5 text model: linear-attention layers (conv and recurrent states) between
+    full-attention ones, a cache whose rows cannot be repeated by keys and values alone."""
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    if "qwen3_5_text" not in CONFIG_MAPPING:
+        pytest.skip("this transformers has no hybrid linear-attention model")
+    cfg = AutoConfig.for_model("qwen3_5_text", vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                               num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                               linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16,
+                               linear_value_head_dim=16, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").float().eval()
+
+
+def test_a_hybrid_cache_is_refused_with_the_fix_named(model_and_tokenizer):
+    from grpo_scale.rollout import CacheNotRepeatable
+    _, tok = model_and_tokenizer
+    model = hybrid_model(tok)
+    with pytest.raises(CacheNotRepeatable, match="LinearAttention.*share_prompt: false"):
+        generate(model, tok, uneven_prompts(tok), max_prompt_length=None, max_new_tokens=4, do_sample=True)
+    ro = generate(model, tok, uneven_prompts(tok), max_prompt_length=None, max_new_tokens=4, do_sample=True,
+                  share_prompt=False)
+    assert ro.completion_ids.shape[0] == 8
+    with pytest.raises(CacheNotRepeatable):
+        shared_prompt_inputs(ro, model, cache_argument(model))
+
+
+def test_a_hybrid_model_decodes_like_generate(model_and_tokenizer):
+    """Rows of a hybrid model finish at different steps but stay in the batch (its cache cannot drop
+    rows): the tokens are generate's for the same seed."""
+    from transformers import GenerationConfig
+
+    from grpo_scale.rollout import sample, tokenize_prompts
+    _, tok = model_and_tokenizer
+    model = hybrid_model(tok)
+    ids, mask = tokenize_prompts(tok, uneven_prompts(tok)[2:6], None, "cpu")
+    eos = list(range(3, len(tok), 3))  # many stop tokens, so rows end at different steps
+    torch.manual_seed(4)
+    expected = model.generate(input_ids=ids, attention_mask=mask, generation_config=GenerationConfig(
+        max_new_tokens=10, do_sample=True, top_k=0, eos_token_id=eos, pad_token_id=tok.pad_token_id))[:, ids.shape[1]:]
+    torch.manual_seed(4)
+    ours = sample(model, ids, mask, cache=None, cache_kw=cache_argument(model), max_new_tokens=10, eos=eos,
+                  pad=tok.pad_token_id, do_sample=True)
+    assert torch.equal(ours, expected)
+    lengths = (ours != tok.pad_token_id).sum(1)
+    assert lengths.min() < lengths.max()

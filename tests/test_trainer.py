@@ -179,3 +179,23 @@ def test_gradient_checkpointing_uses_the_full_forward(tmp_path):
     before = params_of(trainer)
     m = trainer.grpo_step(trainer.generate_and_score())
     assert math.isfinite(m["loss"]) and not torch.equal(before, params_of(trainer))
+
+
+def test_a_model_whose_cache_cannot_be_shared_trains_unshared(tmp_path, caplog):
+    """A hybrid linear-attention model: the first shared prefill is refused, the run says so once and
+    goes on with one full forward per completion."""
+    from transformers import AutoTokenizer
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_shared_prompt import EMBEDDED_DIR, hybrid_model
+
+    tok = AutoTokenizer.from_pretrained(EMBEDDED_DIR)
+    path = tmp_path / "hybrid"
+    hybrid_model(tok).save_pretrained(path)
+    tok.save_pretrained(path)
+    trainer = make_trainer(tmp_path, "--model_name_or_path", str(path), "--max_completion_length", "4")
+    assert trainer.share_prompt
+    with caplog.at_level("WARNING", logger="grpo_scale"):
+        m = trainer.grpo_step(trainer.generate_and_score())
+    assert not trainer.share_prompt and math.isfinite(m["loss"])
+    assert sum("cannot be repeated" in r.getMessage() for r in caplog.records) == 1
