@@ -109,11 +109,20 @@ def prefill(model, ids: torch.Tensor, mask: torch.Tensor, counts: torch.Tensor, 
     return cache
 
 
+def _prompt(rb: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+    """rb's prompt ids and mask without the left-padding columns common to all its rows (a micro-batch
+    keeps the width of its whole generation batch); at least one column stays."""
+    real = rb.prompt_mask.any(dim=0)
+    start = min(int(real.int().argmax()), rb.prompt_mask.shape[1] - 1) if bool(real.any()) else rb.prompt_mask.shape[1] - 1
+    return rb.prompt_ids[:, start:], rb.prompt_mask[:, start:]
+
+
 def full_inputs(rb: Rollout) -> dict:
     """Prompt + completion ids [N, P+T], attention mask and the position ids generation used; outputs at
     the last T+1 positions but one predict the T completion tokens."""
-    attn = torch.cat([rb.prompt_mask, rb.attention_mask], dim=1)
-    return {"input_ids": torch.cat([rb.prompt_ids, rb.completion_ids], dim=1), "attention_mask": attn,
+    ids, mask = _prompt(rb)
+    attn = torch.cat([mask, rb.attention_mask], dim=1)
+    return {"input_ids": torch.cat([ids, rb.completion_ids], dim=1), "attention_mask": attn,
             "position_ids": position_ids(attn)}
 
 
@@ -121,18 +130,20 @@ def shared_prompt_inputs(rb: Rollout, prefix_model, cache_kw: str) -> Optional[d
     """Inputs [N, T] whose outputs at all T positions predict the T completion tokens: each run of rows
     with the same prompt is run once through ``prefix_model`` (all prompt tokens but the last), and the
     rows are fed the last prompt token and their completions but the last token, on the expanded cache.
-    None when no prompt is shared (nothing to save) or no cache came back: use ``full_inputs``. Raises
-    ``CacheNotRepeatable`` for a model whose cache rows cannot be repeated."""
+    None when no prompt is shared (nothing to save), every prompt is one token long, or no cache came
+    back: use ``full_inputs``. Raises ``CacheNotRepeatable`` for a model whose cache rows cannot be
+    repeated."""
     counts = rb.prompt_runs()
-    if counts.numel() == len(rb) or rb.prompt_ids.shape[1] < 2:
+    ids, mask = _prompt(rb)
+    if counts.numel() == len(rb) or ids.shape[1] < 2:
         return None
     first = counts.cumsum(0) - counts
-    cache = prefill(prefix_model, rb.prompt_ids[first, :-1], rb.prompt_mask[first, :-1], counts, cache_kw)
+    cache = prefill(prefix_model, ids[first, :-1], mask[first, :-1], counts, cache_kw)
     if cache is None:
         return None
     T = rb.completion_ids.shape[1]
-    attn = torch.cat([rb.prompt_mask, rb.attention_mask[:, :-1]], dim=1)
-    return {"input_ids": torch.cat([rb.prompt_ids[:, -1:], rb.completion_ids[:, :-1]], dim=1),
+    attn = torch.cat([mask, rb.attention_mask[:, :-1]], dim=1)
+    return {"input_ids": torch.cat([ids[:, -1:], rb.completion_ids[:, :-1]], dim=1),
             "attention_mask": attn, "position_ids": position_ids(attn)[:, -T:], cache_kw: cache, "use_cache": True}
 
 

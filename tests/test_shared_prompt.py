@@ -161,3 +161,27 @@ def test_a_hybrid_model_decodes_like_generate(model_and_tokenizer):
     assert torch.equal(ours, expected)
     lengths = (ours != tok.pad_token_id).sum(1)
     assert lengths.min() < lengths.max()
+
+
+def test_padding_common_to_a_micro_batch_is_dropped(model_and_tokenizer):
+    """A micro-batch of short prompts cut from a batch padded for a longer one: the common left padding is
+    not run, and the outputs are those of the micro-batch tokenised on its own."""
+    model, tok = model_and_tokenizer
+    prompts = uneven_prompts(tok)
+    ro = generate(model, tok, prompts, max_prompt_length=None, max_new_tokens=6, do_sample=False)
+    shortest = prompts[int(ro.prompt_mask.sum(1).argmin())]
+    short = [i for i, p in enumerate(prompts) if p == shortest]  # one group: consecutive rows
+    assert len(short) >= 2, "want a shared prompt"
+    part = ro.select(slice(short[0], short[-1] + 1))
+    assert part.prompt_mask.any(0).logical_not().any(), "want padding common to the micro-batch"
+    alone = generate(model, tok, prompts[short[0]:short[-1] + 1], max_prompt_length=None, max_new_tokens=6,
+                     do_sample=False)
+    T = part.completion_ids.shape[1]
+    with torch.no_grad():
+        full = model(**full_inputs(part)).logits[:, -T - 1:-1]
+        assert full_inputs(part)["input_ids"].shape[1] == alone.prompt_ids.shape[1] + T
+        ref = model(**full_inputs(alone)).logits[:, -alone.completion_ids.shape[1] - 1:-1]
+        shared = model(**shared_prompt_inputs(part, model, cache_argument(model))).logits
+    mask = part.attention_mask.bool()
+    assert torch.allclose(full[mask], ref[:, :T][mask], atol=1e-5)
+    assert torch.allclose(shared[mask], full[mask], atol=1e-5)
