@@ -74,6 +74,12 @@ def cache_argument(model) -> str:
 class CacheNotRepeatable(RuntimeError):
     """The model's KV cache cannot be repeated or selected by row (see ``repeatable_cache``)."""
 
+    def __init__(self, cache):
+        self.kinds = ", ".join(sorted({type(layer).__name__ for layer in getattr(cache, "layers", [])})
+                               or [type(cache).__name__])
+        super().__init__(f"share_prompt: the KV cache of this model ({self.kinds}) cannot be repeated for each "
+                         "completion of a group; set share_prompt: false")
+
 
 def repeatable_cache(cache) -> bool:
     """Whether every layer of ``cache`` holds only keys and values (transformers' DynamicLayer family, which
@@ -99,21 +105,15 @@ def prefill(model, ids: torch.Tensor, mask: torch.Tensor, counts: torch.Tensor, 
     if cache is None:
         return None
     if not repeatable_cache(cache):
-        kinds = sorted({type(layer).__name__ for layer in getattr(cache, "layers", [])}) or [type(cache).__name__]
-        raise CacheNotRepeatable(f"share_prompt: the KV cache of this model ({', '.join(kinds)}) cannot be "
-                                 "repeated for each completion of a group; set share_prompt: false")
-    if bool((counts == counts[0]).all()):
-        cache.batch_repeat_interleave(int(counts[0]))
-    else:
-        cache.batch_repeat_interleave(counts)  # torch.repeat_interleave takes per-row counts
+        raise CacheNotRepeatable(cache)
+    cache.batch_repeat_interleave(counts)  # torch.repeat_interleave takes per-row counts
     return cache
 
 
 def _prompt(rb: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
     """rb's prompt ids and mask without the left-padding columns common to all its rows (a micro-batch
-    keeps the width of its whole generation batch); at least one column stays."""
-    real = rb.prompt_mask.any(dim=0)
-    start = min(int(real.int().argmax()), rb.prompt_mask.shape[1] - 1) if bool(real.any()) else rb.prompt_mask.shape[1] - 1
+    keeps the width of its whole generation batch)."""
+    start = min(int(rb.prompt_mask.any(dim=0).int().argmax()), rb.prompt_mask.shape[1] - 1)
     return rb.prompt_ids[:, start:], rb.prompt_mask[:, start:]
 
 
@@ -219,11 +219,14 @@ def sample(model, ids: torch.Tensor, mask: torch.Tensor, *, cache, cache_kw: str
     keep_one = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
     seq, attn = ids, mask
     inp, pos = (ids, position_ids(mask)) if cache is None else (ids[:, -1:], position_ids(mask)[:, -1:])
+    droppable = None  # whether rows can leave this model's cache, decided at the first step
     steps = 0
     for steps in range(1, max_new_tokens + 1):
         step_cache = {cache_kw: cache} if cache is not None else {}
         o = model(input_ids=inp, attention_mask=attn, position_ids=pos, use_cache=True, **step_cache, **keep_one)
         cache = getattr(o, cache_kw, None)
+        if droppable is None:
+            droppable = drop_finished and (cache is None or repeatable_cache(cache))
         scores = o.logits[:, -1]
         if do_sample:
             nxt = torch.multinomial(warp_logits(scores, temperature, top_k, top_p).softmax(-1), 1).squeeze(1)
@@ -235,7 +238,7 @@ def sample(model, ids: torch.Tensor, mask: torch.Tensor, *, cache, cache_kw: str
         n_done = int(done.sum())  # the step's one wait for the device
         if n_done == done.numel():
             break
-        if drop_finished and n_done and (cache is None or repeatable_cache(cache)):
+        if droppable and n_done:
             live = (~done).nonzero().squeeze(1)
             rows, nxt, attn, pos, done = rows[live], nxt[live], attn[live], pos[live], done[live]
             seq = seq[live]

@@ -323,8 +323,8 @@ class GRPOTrainer:
         return [render_prompt(self.tokenizer, r["prompt"], self.cfg.system_prompt) for r in rows]
 
     def _inputs(self, model, rb: Rollout, prefix_model) -> tuple[dict, int]:
-        """(model inputs, how many of the last output positions to keep and drop the last of) for the
-        forward that predicts rb's completion tokens; shared-prompt inputs where the config allows."""
+        """(model inputs, how many of the last output positions to keep; the first T of those predict rb's
+        T completion tokens) for the forward; shared-prompt inputs where the config allows."""
         inner = self.acc.unwrap_model(model)
         if self.share_prompt and not (inner.training and getattr(inner, "is_gradient_checkpointing", False)):
             try:
@@ -336,17 +336,17 @@ class GRPOTrainer:
                 return inputs, rb.completion_ids.shape[1]
         return full_inputs(rb), rb.completion_ids.shape[1] + 1
 
-    def _stop_sharing(self, why: Exception) -> None:
+    def _stop_sharing(self, why: CacheNotRepeatable) -> None:
         """share_prompt off for the rest of the run (every rank reaches this at the same point)."""
         self.share_prompt = False
         if self.acc.is_main_process:
-            logger.warning("%s. Running one full forward per completion instead.", str(why).split("; set")[0])
+            logger.warning("share_prompt: the KV cache of this model (%s) cannot be repeated for each completion "
+                           "of a group; running one full forward per completion instead", why.kinds)
 
     def _logits(self, model, rb: Rollout) -> torch.Tensor:
         """Policy logits [N, T, V] for the completion positions only (no full-sequence logits)."""
         inputs, keep = self._inputs(model, rb, model)
-        logits = model(**inputs, logits_to_keep=keep).logits
-        return logits if keep == rb.completion_ids.shape[1] else logits[:, :-1]
+        return model(**inputs, logits_to_keep=keep).logits[:, :rb.completion_ids.shape[1]]
 
     def _hidden(self, model, rb: Rollout) -> tuple[torch.Tensor, torch.nn.Module]:
         """Last hidden states [N, T, H] of the completion positions, and the lm_head module."""
@@ -354,7 +354,7 @@ class GRPOTrainer:
         decoder = inner.get_decoder()
         inputs, keep = self._inputs(model, rb, decoder)
         hidden = decoder(**inputs).last_hidden_state[:, -keep:]
-        return (hidden if keep == rb.completion_ids.shape[1] else hidden[:, :-1]), inner.get_output_embeddings()
+        return hidden[:, :rb.completion_ids.shape[1]], inner.get_output_embeddings()
 
     @torch.no_grad()
     def _logps(self, model, rollout: Rollout) -> torch.Tensor:

@@ -11,24 +11,11 @@ import os
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # train.py
 
 import train  # noqa: E402
+from reliability_helpers import InfGrad  # noqa: E402
 from grpo_scale.trainer import GRPOTrainer  # noqa: E402
-
-
-class _InfGrad(torch.autograd.Function):
-    """Identity forward, infinite gradient backward: a finite loss whose gradient norm is not finite."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, g):
-        return g * float("inf")
 
 
 def _pairs(text: str) -> set[tuple[int, int]]:
@@ -47,7 +34,7 @@ def main():
         if key in nan_at and first:
             return result._replace(loss=result.loss * float("nan"))
         if key in inf_at and first:
-            return result._replace(loss=_InfGrad.apply(result.loss))
+            return result._replace(loss=InfGrad.apply(result.loss))
         return result
 
     def checksum(self) -> float:

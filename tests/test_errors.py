@@ -183,16 +183,6 @@ def test_reward_that_raises_end_to_end(tmp_path, model_dir):
 
 
 # ---------------------------------------------------------------------------- non-finite steps
-class _InfGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, g):
-        return g * float("inf")
-
-
 def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, model_dir, monkeypatch):
     from grpo_scale.trainer import TrainingAborted
     trainer = make_trainer(model_dir, tmp_path / "out", "--per_device_train_batch_size", "4",
@@ -206,7 +196,7 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, model_dir, mo
         if step in nan_steps and first:
             return out._replace(loss=out.loss * float("nan"))
         if step in inf_grad_steps and first:
-            return out._replace(loss=_InfGrad.apply(out.loss))
+            return out._replace(loss=rh.InfGrad.apply(out.loss))
         return out
     monkeypatch.setattr(trainer, "_micro_loss", faulty)
 
