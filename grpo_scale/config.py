@@ -94,7 +94,9 @@ class GRPOConfig:
     epsilon_low: float = _f(0.2, "Lower clipping range: ratios below 1 - epsilon_low are clipped.")
     epsilon_high: float = _f(0.2, "Upper clipping range: ratios above 1 + epsilon_high are clipped.")
     delta: Optional[float] = _f(None, "Two-sided clipping: cap the unclipped ratio at delta (> 1 + epsilon_high).")
-    num_iterations: int = _f(1, "Optimisation steps per rollout (mu); > 1 reuses it with old log-probs.")
+    num_iterations: int = _f(1, "Optimisation steps per rollout (mu); > 1 reuses it with old log-probs. max_steps "
+                             "must be a multiple of it; logging, evaluation and checkpoints due inside a rollout "
+                             "happen at its end.")
     loss_impl: str = _f("eager", "eager (PyTorch reference) | auto | triton | fused_linear.")
 
     # ------------------------------------------------------------------ optimisation
@@ -144,6 +146,12 @@ class GRPOConfig:
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_steps", "num_iterations",
                      "max_completion_length", "eval_batch_size", "logging_steps", "max_bad_steps"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps >= 1 and self.num_iterations >= 1 and self.max_steps % self.num_iterations:
+            up = -(-self.max_steps // self.num_iterations) * self.num_iterations
+            down = self.max_steps - self.max_steps % self.num_iterations
+            errors.append(f"max_steps ({self.max_steps}) is not a multiple of num_iterations ({self.num_iterations}): "
+                          f"each rollout is trained for num_iterations optimiser steps, so the run would stop at step "
+                          f"{up}; set max_steps to {up}" + (f" or {down}" if down else ""))
         for name in ("eval_size", "eval_steps", "save_steps", "top_k", "cpu_threads"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         need(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")

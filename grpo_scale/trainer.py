@@ -251,9 +251,17 @@ class GRPOTrainer:
         self.cache_kw = cache_argument(model)
         self.share_prompt = cfg.share_prompt  # turned off at the first cache that cannot be repeated
         if self.ref_model is not None:
-            self.ref_model = self.ref_model.to(self.acc.device).eval().requires_grad_(False)
-            if cfg.bf16:
-                self.ref_model.to(torch.bfloat16)
+            self.ref_model.eval().requires_grad_(False)
+            if not _partitioned(self.ref_model):
+                # A full copy on every rank (one process, ZeRO-2), in the precision the policy computes in.
+                self.ref_model.to(device=self.acc.device, dtype=torch.bfloat16 if cfg.bf16 else None)
+            # Under ZeRO-3, transformers loaded the reference partitioned (zero.Init, in the DeepSpeed
+            # config's precision, offloaded where offload_param says): each rank holds 1/W of it, and its
+            # forwards gather it for the block (``gathered``), as generation gathers the policy.
+            held, full = param_bytes(self.ref_model)
+            logger.info("reference model: %.1f MiB of parameters held per process of %.1f MiB%s", held / 2**20,
+                        full / 2**20, " (ZeRO-3 partitions, gathered once per rollout for its forward)"
+                        if _partitioned(self.ref_model) else "")
 
     def _setup_optimizer(self) -> None:
         cfg = self.cfg
@@ -309,15 +317,22 @@ class GRPOTrainer:
 
     # ================================================================== helpers
     @contextlib.contextmanager
-    def unwrapped_for_generation(self):
-        """The plain policy module, with ZeRO-3's sharded weights gathered once for the whole block."""
-        model = self.acc.unwrap_model(self.model)
-        if self.zero_stage == 3:
+    def gathered(self, model):
+        """The plain module of ``model`` (the policy's engine, or the reference), with ZeRO-3's partitioned
+        weights gathered once for the whole block: a collective, entered by every rank alike. A module
+        outside a DeepSpeed engine has no hooks that gather its weights, so each of its forwards must run
+        inside this block."""
+        model = self.acc.unwrap_model(model)
+        if _partitioned(model):
             import deepspeed
             with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
                 yield model
         else:
             yield model
+
+    def unwrapped_for_generation(self):
+        """The plain policy module, with ZeRO-3's sharded weights gathered once for the whole block."""
+        return self.gathered(self.model)
 
     def _render(self, rows: list[dict]) -> list[str]:
         return [render_prompt(self.tokenizer, r["prompt"], self.cfg.system_prompt) for r in rows]
@@ -397,7 +412,8 @@ class GRPOTrainer:
         if cfg.num_iterations > 1:
             batch["old_logps"] = self._logps(self.model, rollout)
         if self.ref_model is not None:
-            batch["ref_logps"] = self._logps(self.ref_model, rollout)
+            with self.gathered(self.ref_model) as ref:  # ZeRO-3: one gather for all micro-batches
+                batch["ref_logps"] = self._logps(ref, rollout)
         t3 = time.perf_counter()
         # dapo: tokens of the whole generation batch on all ranks, per process and micro-step, because
         # the backward divides by gradient_accumulation_steps and DeepSpeed averages over processes.
@@ -576,7 +592,7 @@ class GRPOTrainer:
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not acc.is_main_process, desc="grpo")
         t_train = time.perf_counter()
         while self.step < cfg.max_steps:
-            t0 = time.perf_counter()
+            t0, prev = time.perf_counter(), self.step
             batch = self.generate_and_score()
             metrics = {**batch["metrics"], **self.grpo_step(batch)}
             step_time = time.perf_counter() - t0
@@ -587,16 +603,20 @@ class GRPOTrainer:
             bar.update(cfg.num_iterations)
             bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", loss=f"{metrics['loss']:.4f}")
             stop = self.bad_in_a_row >= cfg.max_bad_steps
-            if self.step % cfg.logging_steps == 0 or self.step >= cfg.max_steps or stop:
+
+            def due(every: int) -> bool:  # a multiple of ``every`` was reached during this rollout's steps
+                return every > 0 and self.step // every > prev // every
+
+            if due(cfg.logging_steps) or self.step >= cfg.max_steps or stop:
                 self._log_window(batch["rollout"])
             if stop:
                 bar.close()
                 self._abort()
-            if cfg.eval_steps and self.step % cfg.eval_steps == 0 and self.step < cfg.max_steps:
+            if due(cfg.eval_steps) and self.step < cfg.max_steps:
                 ev = self.evaluate()
                 logger.info("eval at step %d: %s", self.step, ev)
                 acc.log({f"eval/{k}": v for k, v in ev.items()}, step=self.step)
-            if cfg.save_steps and self.step % cfg.save_steps == 0:
+            if due(cfg.save_steps):
                 self.save_checkpoint()
         bar.close()
         train_seconds = time.perf_counter() - t_train
@@ -698,6 +718,22 @@ class GRPOTrainer:
             (out / "summary.json").write_text(json.dumps(summary, indent=1))
         acc.wait_for_everyone()
         acc.end_training()
+
+
+def param_bytes(model: torch.nn.Module) -> tuple[int, int]:
+    """(bytes of parameters this rank holds, bytes of the whole model's parameters). A ZeRO-3 partitioned
+    parameter holds its partition (``ds_tensor``, 1/W of it, padded); any other holds all of it."""
+    held = full = 0
+    for p in model.parameters():
+        part = getattr(p, "ds_tensor", p)
+        held += part.numel() * part.element_size()
+        full += getattr(p, "ds_numel", p.numel()) * part.element_size()
+    return held, full
+
+
+def _partitioned(model: torch.nn.Module) -> bool:
+    """Whether ZeRO-3 partitioned the parameters of ``model`` (zero.Init or a stage-3 engine)."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
 
 
 def _nanmean(x: torch.Tensor) -> float:

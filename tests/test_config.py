@@ -55,6 +55,8 @@ def test_every_accelerate_config_parses(path):
     (["--task_level", "5"], "task_level must be levels among"),
     (["--task_mix", "geometry=1"], "unknown task"),
     (["--reward_weights", "1,2,3"], "reward_weights has 3 entries but reward_funcs has 2"),
+    (["--num_iterations", "2", "--max_steps", "3"], "max_steps (3) is not a multiple of num_iterations (2)"),
+    (["--num_iterations", "4", "--max_steps", "3"], "would stop at step 4; set max_steps to 4"),
     (["--max_steps", "ten"], "max_steps expects int"),
     (["--bf16", "maybe"], "bf16 expects bool"),
     (["--learing_rate", "1e-5"], "did you mean 'learning_rate'"),

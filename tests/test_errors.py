@@ -54,6 +54,7 @@ BROKEN_YAML = "max_steps: 3\nlearning_rate: [1e-5\nseed: 1\n"
     (["--num_generations", "1"], ["num_generations must be >= 2"]),
     (["--max_bad_steps", "0"], ["max_bad_steps must be >= 1"]),
     (["--per_device_train_batch_size", "6", "--num_generations", "4"], ["is not divisible by num_generations"]),
+    (["--num_iterations", "2", "--max_steps", "3"], ["is not a multiple of num_iterations", "set max_steps to 4 or 2"]),
     (["--config", "{broken}"], ["broken.yaml line 3", "invalid YAML"]),
     (["--config", "{tmp}/missing.yaml"], ["config file not found"]),
     (["--model_name_or_path", "{tmp}/no-such-model"], ["no-such-model is not a directory"]),
@@ -61,7 +62,7 @@ BROKEN_YAML = "max_steps: 3\nlearning_rate: [1e-5\nseed: 1\n"
     (["--dataset_path", "{tmp}/no.jsonl"], ["dataset_path:", "does not exist"]),
     (["--resume_from_checkpoint", "{tmp}/checkpoint-3"], ["resume_from_checkpoint:", "does not exist"]),
 ], ids=["unknown-field", "wrong-type", "negative-lr", "epsilon-low", "one-generation", "max-bad-steps",
-        "batch-vs-group", "broken-yaml", "missing-config", "missing-model", "not-a-model", "missing-data",
+        "batch-vs-group", "steps-vs-iterations", "broken-yaml", "missing-config", "missing-model", "not-a-model", "missing-data",
         "missing-checkpoint"])
 def test_bad_configuration_is_one_message_and_exit_2(tmp_path, model_dir, argv, fragments):
     (tmp_path / "broken.yaml").write_text(BROKEN_YAML)

@@ -199,3 +199,14 @@ def test_a_model_whose_cache_cannot_be_shared_trains_unshared(tmp_path, caplog):
         m = trainer.grpo_step(trainer.generate_and_score())
     assert not trainer.share_prompt and math.isfinite(m["loss"])
     assert sum("cannot be repeated" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_reused_rollouts_log_and_save_at_the_rollout_that_reaches_the_step(tmp_path):
+    """num_iterations 2 trains steps in pairs: logging and checkpoints due at step 3 happen at step 4, the
+    end of the rollout that reached it (none is skipped), and the run ends exactly at max_steps."""
+    trainer = make_trainer(tmp_path, "--num_iterations", "2", "--max_steps", "6", "--logging_steps", "3",
+                           "--save_steps", "3", "--max_completion_length", "8", "--temperature", "2.0")
+    summary = trainer.train()
+    assert summary["steps"] == trainer.step == 6
+    assert [h["step"] for h in trainer.history] == [4, 6]
+    assert sorted(p.name for p in (tmp_path / "out").glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]

@@ -1,0 +1,84 @@
+"""Launched by tests/test_matrix.py (under `accelerate launch`, or as one plain process): runs several
+combination cells one after the other in the same processes, so start-up is paid once per launch.
+
+    matrix_probe.py OUT_DIR CELLS_JSON
+
+CELLS_JSON is a list of {"name": ..., "args": [train.py arguments]}. Each cell is a real run through
+GRPOTrainer's setup, train (with evaluation before and after) and save. Per cell and rank it writes
+OUT_DIR/NAME/rank{i}.pt: what the rank saw (its index and the world size), the logged history, the last
+rollout's tensors, the reference log-probs the trainer computed for it (``ref_logps``, None when beta is
+0) and the policy's log-probs of the same rollout after training, computed by the trainer's own path;
+and the parameter bytes each rank holds for the policy and the reference. The test compares these with
+an independent forward of the initial weights.
+"""
+import json
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import torch
+
+from grpo_scale.config import load_config
+from grpo_scale.trainer import GRPOTrainer, param_bytes
+
+
+def text_checksum(prompts, completions, **columns) -> list[float]:
+    """A reward in [0, 1) that differs between distinct completions (a checksum of the text), so every
+    group has a reward spread and every cell's weights move, whatever the model writes in a few tokens."""
+    return [zlib.crc32(c.encode()) / 2**32 for c in completions]
+
+
+def run_cell(out: Path, name: str, args: list[str]) -> None:
+    from accelerate.state import AcceleratorState
+    AcceleratorState._reset_state()  # a fresh Accelerator (precision, accumulation, DeepSpeed config) per cell
+    cfg = load_config(args + ["--output_dir", str(out / name / "run")])
+    trainer = GRPOTrainer(cfg)
+    trainer.setup()
+    last = {}
+    generate_and_score = trainer.generate_and_score
+
+    def capture():
+        last["batch"] = generate_and_score()
+        return last["batch"]
+
+    trainer.generate_and_score = capture
+    summary = trainer.train()
+    batch = last["batch"]
+    rollout = batch["rollout"]
+    policy_logps = trainer._logps(trainer.model, rollout)  # after training; a collective under ZeRO-3
+    acc = trainer.acc
+    record = {
+        "process_index": acc.process_index, "num_processes": acc.num_processes,
+        "world_size": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
+        "zero_stage": trainer.zero_stage, "steps": trainer.step, "history": trainer.history,
+        "loss_impl": trainer.loss_impl,
+        "rollout": {k: getattr(rollout, k).cpu() for k in ("prompt_ids", "prompt_mask", "completion_ids",
+                                                           "completion_mask", "attention_mask")},
+        "ref_logps": None if batch["ref_logps"] is None else batch["ref_logps"].float().cpu(),
+        "policy_logps": policy_logps.float().cpu(),
+        "policy_param_bytes": param_bytes(acc.unwrap_model(trainer.model)),
+        "ref_param_bytes": None if trainer.ref_model is None else param_bytes(trainer.ref_model),
+    }
+    trainer.save(summary)
+    torch.save(record, out / name / f"rank{acc.process_index}.pt")
+
+
+def main():
+    out, cells = Path(sys.argv[1]), json.loads(sys.argv[2])
+    # save() ends training, which tears the process group down; DeepSpeed keeps its groups across engines,
+    # so the cells share one process group and it is torn down once, at the end.
+    from accelerate.state import PartialState
+    PartialState.destroy_process_group = lambda self, group=None: None
+    for cell in cells:
+        t0 = time.perf_counter()
+        print(f"cell {cell['name']}: start", flush=True)
+        run_cell(out, cell["name"], cell["args"])
+        print(f"cell {cell['name']}: done in {time.perf_counter() - t0:.1f}s", flush=True)
+    if torch.distributed.is_initialized():  # see train.py's _shutdown
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

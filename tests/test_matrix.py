@@ -1,0 +1,181 @@
+"""The combination matrix: features meet in users' runs, so they are tested together.
+
+Factors: launch (one process, ZeRO-2 on 2 ranks, ZeRO-3 on 2 ranks, ZeRO-3 with CPU offload on 2 ranks) x
+beta (0, > 0) x share_prompt x num_iterations (1, 2) x gradient accumulation (1, 2) x loss_impl (eager, and
+triton and fused_linear under the Triton interpreter) x gradient checkpointing, plus precision (fp32, and
+one bf16 cell in the default suite). ``ROWS`` is a pairwise covering set: every pair of values of any two
+factors meets in at least one row (checked by ``test_rows_cover_every_pair``). The full product runs behind
+the ``slow`` marker.
+
+Each cell is a real run of 2 optimiser steps on the embedded model (tests/matrix_probe.py), with the cells
+of one launch in the same processes. Each asserts: the launch exits 0, the ranks see distinct indices, every
+logged loss is finite and no step was skipped, the saved weights moved, and on the last rollout the
+reference log-probs the trainer computed equal an independent forward of the initial weights (and the
+policy's after training differ from them); under ZeRO-3 each rank holds 1/W of the reference.
+"""
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+EMBEDDED = ROOT / "grpo_scale" / "assets" / "tiny-math"
+LAUNCHES = ("one", "zero2", "zero3", "zero3_offload")
+TEMPERATURE = 2.0  # hot sampling: the completions of a group differ
+# matrix_probe:text_checksum gives distinct completions distinct rewards: every group has a spread
+COMMON = ["--eval_size", "4", "--eval_batch_size", "4", "--max_completion_length", "12", "--report_to", "none",
+          "--num_generations", "4", "--per_device_train_batch_size", "4", "--learning_rate", "2e-3",
+          "--max_steps", "2", "--temperature", str(TEMPERATURE), "--cpu_threads", "1", "--loss_type", "dapo",
+          "--reward_funcs", "correctness,format,matrix_probe:text_checksum", "--reward_weights", "1,0.2,1"]
+
+# (launch, loss_impl, beta > 0, share_prompt, num_iterations 2, accumulation 2, gradient checkpointing, bf16)
+ROWS = [
+    ("one", "eager", 1, 0, 1, 0, 1, 0),
+    ("one", "triton", 1, 1, 1, 1, 0, 0),
+    ("one", "fused_linear", 0, 0, 0, 1, 0, 0),
+    ("zero2", "eager", 0, 0, 1, 1, 0, 0),
+    ("zero2", "triton", 1, 0, 0, 0, 0, 0),
+    ("zero2", "fused_linear", 0, 1, 1, 1, 1, 0),
+    ("zero3", "eager", 0, 0, 1, 1, 0, 0),
+    ("zero3", "triton", 1, 1, 0, 0, 1, 0),
+    ("zero3", "fused_linear", 1, 1, 1, 1, 1, 0),
+    ("zero3", "eager", 1, 1, 0, 0, 0, 1),          # the bf16 cell: a partitioned reference in bf16
+    ("zero3_offload", "eager", 0, 1, 0, 1, 1, 0),
+    ("zero3_offload", "triton", 0, 0, 1, 0, 0, 0),
+    ("zero3_offload", "fused_linear", 1, 0, 1, 0, 1, 0),
+]
+FACTORS = ("launch", "loss_impl", "beta", "share_prompt", "num_iterations", "gradient_accumulation_steps",
+           "gradient_checkpointing", "bf16")
+
+
+def cell_name(row) -> str:
+    launch, impl, beta, share, iters, ga, gc, bf16 = row
+    return "-".join([launch, impl, "beta" if beta else "nobeta", "share" if share else "noshare",
+                     f"it{1 + iters}", f"ga{1 + ga}", "gc" if gc else "nogc", "bf16" if bf16 else "fp32"])
+
+
+def cell_args(row) -> list[str]:
+    launch, impl, beta, share, iters, ga, gc, bf16 = row
+    return COMMON + ["--loss_impl", impl, "--beta", "0.04" if beta else "0", "--share_prompt", str(bool(share)),
+                     "--num_iterations", str(1 + iters), "--gradient_accumulation_steps", str(1 + ga),
+                     "--gradient_checkpointing", str(bool(gc)), "--bf16", str(bool(bf16))]
+
+
+def test_rows_cover_every_pair():
+    """Every pair of values of any two factors (precision aside: one bf16 cell) meets in some row."""
+    values = [LAUNCHES, ("eager", "triton", "fused_linear")] + [(0, 1)] * 5
+    for a, b in itertools.combinations(range(7), 2):
+        have = {(r[a], r[b]) for r in ROWS}
+        missing = set(itertools.product(values[a], values[b])) - have
+        assert not missing, f"no row has {FACTORS[a]}, {FACTORS[b]} = {sorted(missing)}"
+    assert any(r[-1] for r in ROWS) and any(r[-1] and r[2] and r[0].startswith("zero3") for r in ROWS)
+
+
+def launch_cells(tmp_path: Path, launch: str, rows) -> subprocess.CompletedProcess:
+    cells = [{"name": cell_name(r), "args": cell_args(r)} for r in rows]
+    for c in cells:
+        (tmp_path / c["name"]).mkdir(parents=True)
+    probe = [str(ROOT / "tests" / "matrix_probe.py"), str(tmp_path), json.dumps(cells)]
+    if launch == "one":
+        cmd = [sys.executable, *probe]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(ROOT / "accelerate_configs" / f"{launch}.yaml"), "--num_processes", "2", *probe]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+
+
+def completion_logps(model, rec: dict) -> torch.Tensor:
+    """Log-probs [N, T] of the recorded completions at the sampling temperature: one plain forward of
+    prompt + completion per row (written out here, independent of the trainer's input builders)."""
+    r = rec["rollout"]
+    ids = torch.cat([r["prompt_ids"], r["completion_ids"]], 1)
+    mask = torch.cat([r["prompt_mask"], r["attention_mask"]], 1)
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    T = r["completion_ids"].shape[1]
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -T - 1:-1].float()
+    return torch.log_softmax(logits / TEMPERATURE, -1).gather(-1, r["completion_ids"].unsqueeze(-1)).squeeze(-1)
+
+
+def check_cell(out: Path, row, initial, initial_bf16) -> None:
+    launch, impl, beta, share, iters, ga, gc, bf16 = row
+    name = cell_name(row)
+    world = 1 if launch == "one" else 2
+    recs = [torch.load(out / name / f"rank{i}.pt", weights_only=False) for i in range(world)]
+    assert [r["process_index"] for r in recs] == list(range(world)), name
+    assert all(r["num_processes"] == r["world_size"] == world for r in recs), name
+    assert recs[0]["zero_stage"] == {"one": 0, "zero2": 2}.get(launch, 3), name
+    assert recs[0]["loss_impl"] == impl, name
+    assert recs[0]["steps"] == 2, name
+    for h in recs[0]["history"]:
+        assert torch.isfinite(torch.tensor(h["loss"])), (name, h)
+        assert h["skipped_step"] == 0, (name, h)
+
+    from transformers import AutoModelForCausalLM
+    final = AutoModelForCausalLM.from_pretrained(out / name / "run" / "final")
+    with torch.no_grad():
+        moved = max(float((a - b).abs().max()) for a, b in zip(final.parameters(), initial.parameters()))
+    assert moved > 1e-4, f"{name}: weights did not move (max |dw| {moved:.2e})"
+
+    # bf16 cells compute in bf16: compare with a bf16 forward of the initial weights. bf16 keeps 8 bits of
+    # mantissa, so logits near 16 are rounded to 1/16 (at temperature 2, log-probs differ by up to ~0.1).
+    start, tol = (initial_bf16, 0.25) if bf16 else (initial, 1e-4)
+    for rec in recs:
+        active = rec["rollout"]["attention_mask"].bool()
+        expect = completion_logps(start, rec)[active]
+        drift = float((rec["policy_logps"][active] - expect).abs().max())
+        if beta:
+            err = float((rec["ref_logps"][active] - expect).abs().max())
+            assert err <= tol, f"{name} rank {rec['process_index']}: reference log-probs off by {err:.2e}"
+            assert drift > 5 * max(err, tol / 10), \
+                f"{name}: the policy's log-probs ({drift:.2e}) hardly differ from the reference's ({err:.2e})"
+            held, full = rec["ref_param_bytes"]
+            if launch.startswith("zero3"):  # each rank holds its partition (padded to a multiple of W)
+                assert held < full / world * 1.05, f"{name}: rank holds {held} of the reference's {full} bytes"
+            else:
+                assert held == full, name
+        else:
+            assert rec["ref_logps"] is None and rec["ref_param_bytes"] is None, name
+            assert drift > 1e-4, f"{name}: the policy's log-probs did not change ({drift:.2e})"
+
+
+@pytest.fixture(scope="module")
+def initial_models():
+    from transformers import AutoModelForCausalLM
+    fp32 = AutoModelForCausalLM.from_pretrained(EMBEDDED, dtype=torch.float32).eval()
+    bf16 = AutoModelForCausalLM.from_pretrained(EMBEDDED, dtype=torch.bfloat16).eval()
+    return fp32, bf16
+
+
+def run_and_check(tmp_path, launch, rows, initial_models):
+    proc = launch_cells(tmp_path, launch, rows)
+    done = [line for line in proc.stdout.splitlines() if line.startswith("cell ")]
+    assert proc.returncode == 0, "\n".join(done) + "\n" + proc.stdout[-2000:] + proc.stderr[-6000:]
+    for row in rows:
+        check_cell(tmp_path, row, *initial_models)
+
+
+@pytest.mark.parametrize("launch", LAUNCHES)
+def test_pairwise_cells(tmp_path, launch, initial_models):
+    run_and_check(tmp_path, launch, [r for r in ROWS if r[0] == launch], initial_models)
+
+
+def product_chunks(size: int = 16):
+    """The full product, by launch, in chunks of ``size`` cells (one launch each)."""
+    for launch in LAUNCHES:
+        rows = [(launch, impl, *bits) for impl in ("eager", "triton", "fused_linear")
+                for bits in itertools.product((0, 1), repeat=6)]
+        for i in range(0, len(rows), size):
+            yield pytest.param(launch, rows[i:i + size], id=f"{launch}-{i // size}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launch, rows", list(product_chunks()))
+def test_full_product(tmp_path, launch, rows, initial_models):
+    run_and_check(tmp_path, launch, rows, initial_models)
