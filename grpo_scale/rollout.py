@@ -126,6 +126,12 @@ def full_inputs(rb: Rollout) -> dict:
             "position_ids": position_ids(attn)}
 
 
+def can_share_prompt(rb: Rollout) -> bool:
+    """Whether ``shared_prompt_inputs`` has a prompt to share in ``rb``: some prompt is repeated and the
+    prompts (without their common left padding) are longer than one token."""
+    return len(rb.prompt_runs()) < len(rb) and _prompt(rb)[0].shape[1] >= 2
+
+
 def shared_prompt_inputs(rb: Rollout, prefix_model, cache_kw: str) -> Optional[dict]:
     """Inputs [N, T] whose outputs at all T positions predict the T completion tokens: each run of rows
     with the same prompt is run once through ``prefix_model`` (all prompt tokens but the last), and the
@@ -133,10 +139,10 @@ def shared_prompt_inputs(rb: Rollout, prefix_model, cache_kw: str) -> Optional[d
     None when no prompt is shared (nothing to save), every prompt is one token long, or no cache came
     back: use ``full_inputs``. Raises ``CacheNotRepeatable`` for a model whose cache rows cannot be
     repeated."""
+    if not can_share_prompt(rb):
+        return None
     counts = rb.prompt_runs()
     ids, mask = _prompt(rb)
-    if counts.numel() == len(rb) or ids.shape[1] < 2:
-        return None
     first = counts.cumsum(0) - counts
     cache = prefill(prefix_model, ids[first, :-1], mask[first, :-1], counts, cache_kw)
     if cache is None:

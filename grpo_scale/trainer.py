@@ -27,8 +27,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from grpo_scale import checkpoint as ckpt
 from grpo_scale.config import ConfigError, GRPOConfig
 from grpo_scale.rewards import check_reward_columns, compute_rewards, correctness_reward, get_reward_funcs
-from grpo_scale.rollout import (CacheNotRepeatable, Rollout, cache_argument, full_inputs, generate,
-                                group_advantages, shared_prompt_inputs)
+from grpo_scale.rollout import (CacheNotRepeatable, Rollout, cache_argument, can_share_prompt, full_inputs,
+                                generate, group_advantages, shared_prompt_inputs)
 from grpo_scale.tasks import ProblemStream, make_eval_set, render_prompt
 
 logger = logging.getLogger("grpo_scale")
@@ -145,6 +145,7 @@ class GRPOTrainer:
         self._setup_rewards()
         self._setup_model()
         self._setup_optimizer()
+        self._setup_reference()
         self.loss_fn, self.logps_fn, self.loss_impl = pick_loss_fn(self.cfg.loss_impl, self.acc.device)
         if self.loss_impl == "fused_linear":
             import types
@@ -250,18 +251,6 @@ class GRPOTrainer:
         self.model = model
         self.cache_kw = cache_argument(model)
         self.share_prompt = cfg.share_prompt  # turned off at the first cache that cannot be repeated
-        if self.ref_model is not None:
-            self.ref_model.eval().requires_grad_(False)
-            if not _partitioned(self.ref_model):
-                # A full copy on every rank (one process, ZeRO-2), in the precision the policy computes in.
-                self.ref_model.to(device=self.acc.device, dtype=torch.bfloat16 if cfg.bf16 else None)
-            # Under ZeRO-3, transformers loaded the reference partitioned (zero.Init, in the DeepSpeed
-            # config's precision, offloaded where offload_param says): each rank holds 1/W of it, and its
-            # forwards gather it for the block (``gathered``), as generation gathers the policy.
-            held, full = param_bytes(self.ref_model)
-            logger.info("reference model: %.1f MiB of parameters held per process of %.1f MiB%s", held / 2**20,
-                        full / 2**20, " (ZeRO-3 partitions, gathered once per rollout for its forward)"
-                        if _partitioned(self.ref_model) else "")
 
     def _setup_optimizer(self) -> None:
         cfg = self.cfg
@@ -272,6 +261,27 @@ class GRPOTrainer:
         self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
         # Stepped by hand once per optimiser step (Accelerate's wrapper would step it once per process).
         self.acc.register_for_checkpointing(self.scheduler)
+
+    def _setup_reference(self) -> None:
+        """The frozen reference (beta > 0), placed once the policy is prepared. Under ZeRO-3 transformers
+        loaded it partitioned (zero.Init, in the DeepSpeed config's precision, offloaded where offload_param
+        says): each rank holds 1/W of it, and its forwards gather it for the block (``gathered``), as
+        generation gathers the policy. Otherwise every rank holds a full copy, in the dtype the policy's
+        engine computes in under DeepSpeed (bf16/fp16), in bf16 with bf16 in one process (the policy runs
+        under autocast there), else in fp32."""
+        if self.ref_model is None:
+            return
+        self.ref_model.eval().requires_grad_(False)
+        if not _partitioned(self.ref_model):
+            if self.deepspeed:
+                dtype = next(self.acc.unwrap_model(self.model).parameters()).dtype
+            else:
+                dtype = torch.bfloat16 if self.cfg.bf16 else None
+            self.ref_model.to(device=self.acc.device, dtype=dtype)
+        held, full = param_bytes(self.ref_model)
+        logger.info("reference model: %.1f MiB of parameters held per process of %.1f MiB%s", held / 2**20,
+                    full / 2**20, " (ZeRO-3 partitions, gathered once per rollout for its forward)"
+                    if _partitioned(self.ref_model) else "")
 
     def _setup_data(self) -> None:
         cfg = self.cfg
@@ -341,7 +351,14 @@ class GRPOTrainer:
         """(model inputs, how many of the last output positions to keep; the first T of those predict rb's
         T completion tokens) for the forward; shared-prompt inputs where the config allows."""
         inner = self.acc.unwrap_model(model)
-        if self.share_prompt and not (inner.training and getattr(inner, "is_gradient_checkpointing", False)):
+        share = self.share_prompt and not (inner.training and getattr(inner, "is_gradient_checkpointing", False))
+        if share and model is self.model and self.zero_stage == 3:
+            # Every forward through the ZeRO-3 engine gathers parameters collectively, and a shared forward
+            # is two of them: all ranks must take the same path, or the gathers pair up wrongly and hang.
+            # (A micro-batch with no repeated prompt on one rank only: a group of 3 over micro-batches of
+            # 2 on 3 ranks.) The gathered reference and generation run on plain modules: no collective.
+            share = self._on_all_ranks(can_share_prompt(rb))
+        if share:
             try:
                 inputs = shared_prompt_inputs(rb, prefix_model, self.cache_kw)
             except CacheNotRepeatable as e:
@@ -486,8 +503,12 @@ class GRPOTrainer:
         return m
 
     def _finite_on_all_ranks(self, loss: torch.Tensor) -> bool:
-        """True when the loss is finite on every rank (one small all-reduce), so all ranks decide alike."""
-        flag = torch.tensor(0.0 if bool(torch.isfinite(loss.detach()).all()) else 1.0, device=self.acc.device)
+        """True when the loss is finite on every rank, so all ranks decide alike."""
+        return self._on_all_ranks(bool(torch.isfinite(loss.detach()).all()))
+
+    def _on_all_ranks(self, ok: bool) -> bool:
+        """True when ``ok`` holds on every rank (one small all-reduce)."""
+        flag = torch.tensor(0.0 if ok else 1.0, device=self.acc.device)
         return float(self.acc.reduce(flag, "sum")) == 0.0
 
     def _finish_step(self, bad: bool, sums: dict) -> bool:
@@ -681,6 +702,11 @@ class GRPOTrainer:
         state = ckpt.load_trainer_state(path)
         ckpt.check_compatible(state, path, num_processes=self.acc.num_processes, zero_stage=self.zero_stage,
                               seed=self.cfg.seed)
+        step, cfg = int(state["step"]), self.cfg
+        if (cfg.max_steps - step) % cfg.num_iterations:  # num_iterations changed since the checkpoint
+            raise ConfigError(f"cannot resume from {path} (step {step}) with num_iterations {cfg.num_iterations}: "
+                              f"each rollout trains {cfg.num_iterations} steps, so the run would not end at "
+                              f"max_steps {cfg.max_steps}; make max_steps - {step} a multiple of num_iterations")
         rng = path / f"random_states_{self.acc.process_index}.pkl"
         if not rng.is_file():  # Accelerate would only log this and sample differently from then on
             raise ConfigError(f"cannot resume from {path}: it has no {rng.name} (RNG state of rank "

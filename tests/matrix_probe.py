@@ -47,6 +47,8 @@ def run_cell(out: Path, name: str, args: list[str]) -> None:
     batch = last["batch"]
     rollout = batch["rollout"]
     policy_logps = trainer._logps(trainer.model, rollout)  # after training; a collective under ZeRO-3
+    with trainer.gathered(trainer.model) as model:
+        checksum = float(sum(p.detach().double().sum() for p in model.parameters()))
     acc = trainer.acc
     record = {
         "process_index": acc.process_index, "num_processes": acc.num_processes,
@@ -56,7 +58,7 @@ def run_cell(out: Path, name: str, args: list[str]) -> None:
         "rollout": {k: getattr(rollout, k).cpu() for k in ("prompt_ids", "prompt_mask", "completion_ids",
                                                            "completion_mask", "attention_mask")},
         "ref_logps": None if batch["ref_logps"] is None else batch["ref_logps"].float().cpu(),
-        "policy_logps": policy_logps.float().cpu(),
+        "policy_logps": policy_logps.float().cpu(), "checksum": checksum,
         "policy_param_bytes": param_bytes(acc.unwrap_model(trainer.model)),
         "ref_param_bytes": None if trainer.ref_model is None else param_bytes(trainer.ref_model),
     }

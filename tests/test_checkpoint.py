@@ -138,6 +138,8 @@ def test_resumed_trainer_restores_state_after_its_own_seeding(tmp_path):
 
     with pytest.raises(ConfigError, match="seed 42 \\(checkpoint\\) vs 43"):
         make_trainer(tmp_path, "--resume_from_checkpoint", "latest", "--seed", "43")
+    with pytest.raises(ConfigError, match="would not end at max_steps 8; make max_steps - 2 a multiple"):
+        make_trainer(tmp_path, "--resume_from_checkpoint", "latest", "--num_iterations", "4", "--max_steps", "8")
     (path / "random_states_0.pkl").unlink()
     with pytest.raises(ConfigError, match="random_states_0.pkl"):
         make_trainer(tmp_path, "--resume_from_checkpoint", str(path))

@@ -7,15 +7,17 @@ one bf16 cell in the default suite). ``ROWS`` is a pairwise covering set: every 
 factors meets in at least one row (checked by ``test_rows_cover_every_pair``). The full product runs behind
 the ``slow`` marker.
 
-Each cell is a real run of 2 optimiser steps on the embedded model (tests/matrix_probe.py), with the cells
-of one launch in the same processes. Each asserts: the launch exits 0, the ranks see distinct indices, every
-logged loss is finite and no step was skipped, the saved weights moved, and on the last rollout the
+Each cell is a real run of two rollouts (2 optimiser steps, 4 with num_iterations 2) on the embedded model
+(tests/matrix_probe.py), with the cells of one launch in the same processes. Each asserts: the launch exits 0, the ranks see distinct indices and
+sample different prompts and end with the same weights, every logged loss is finite and no step was
+skipped, the saved final/ is the trained policy and its weights moved, and on the last rollout the
 reference log-probs the trainer computed equal an independent forward of the initial weights (and the
 policy's after training differ from them); under ZeRO-3 each rank holds 1/W of the reference.
 """
 import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -30,24 +32,24 @@ TEMPERATURE = 2.0  # hot sampling: the completions of a group differ
 # matrix_probe:text_checksum gives distinct completions distinct rewards: every group has a spread
 COMMON = ["--eval_size", "4", "--eval_batch_size", "4", "--max_completion_length", "12", "--report_to", "none",
           "--num_generations", "4", "--per_device_train_batch_size", "4", "--learning_rate", "2e-3",
-          "--max_steps", "2", "--temperature", str(TEMPERATURE), "--cpu_threads", "1", "--loss_type", "dapo",
+          "--temperature", str(TEMPERATURE), "--cpu_threads", "1", "--loss_type", "dapo",
           "--reward_funcs", "correctness,format,matrix_probe:text_checksum", "--reward_weights", "1,0.2,1"]
 
 # (launch, loss_impl, beta > 0, share_prompt, num_iterations 2, accumulation 2, gradient checkpointing, bf16)
 ROWS = [
-    ("one", "eager", 1, 0, 1, 0, 1, 0),
-    ("one", "triton", 1, 1, 1, 1, 0, 0),
-    ("one", "fused_linear", 0, 0, 0, 1, 0, 0),
-    ("zero2", "eager", 0, 0, 1, 1, 0, 0),
-    ("zero2", "triton", 1, 0, 0, 0, 0, 0),
-    ("zero2", "fused_linear", 0, 1, 1, 1, 1, 0),
-    ("zero3", "eager", 0, 0, 1, 1, 0, 0),
-    ("zero3", "triton", 1, 1, 0, 0, 1, 0),
-    ("zero3", "fused_linear", 1, 1, 1, 1, 1, 0),
+    ("one", "eager", 1, 1, 1, 0, 0, 0),
+    ("one", "triton", 0, 0, 0, 0, 1, 0),
+    ("one", "fused_linear", 0, 0, 1, 1, 1, 0),
+    ("zero2", "eager", 1, 1, 1, 0, 1, 0),
+    ("zero2", "triton", 1, 1, 0, 1, 0, 0),
+    ("zero2", "fused_linear", 0, 0, 0, 0, 0, 0),
+    ("zero3", "eager", 0, 0, 1, 1, 1, 0),
+    ("zero3", "triton", 1, 1, 1, 0, 1, 0),
+    ("zero3", "fused_linear", 1, 1, 0, 1, 0, 0),
     ("zero3", "eager", 1, 1, 0, 0, 0, 1),          # the bf16 cell: a partitioned reference in bf16
-    ("zero3_offload", "eager", 0, 1, 0, 1, 1, 0),
-    ("zero3_offload", "triton", 0, 0, 1, 0, 0, 0),
-    ("zero3_offload", "fused_linear", 1, 0, 1, 0, 1, 0),
+    ("zero3_offload", "eager", 1, 0, 0, 0, 0, 0),
+    ("zero3_offload", "triton", 0, 1, 1, 1, 0, 0),
+    ("zero3_offload", "fused_linear", 1, 1, 1, 1, 1, 0),
 ]
 FACTORS = ("launch", "loss_impl", "beta", "share_prompt", "num_iterations", "gradient_accumulation_steps",
            "gradient_checkpointing", "bf16")
@@ -61,23 +63,35 @@ def cell_name(row) -> str:
 
 def cell_args(row) -> list[str]:
     launch, impl, beta, share, iters, ga, gc, bf16 = row
-    return COMMON + ["--loss_impl", impl, "--beta", "0.04" if beta else "0", "--share_prompt", str(bool(share)),
+    # two rollouts: the second is scored after the policy moved, so reference and policy log-probs differ
+    return COMMON + ["--max_steps", str(2 * (1 + iters)), "--loss_impl", impl, "--beta", "0.04" if beta else "0", "--share_prompt", str(bool(share)),
                      "--num_iterations", str(1 + iters), "--gradient_accumulation_steps", str(1 + ga),
                      "--gradient_checkpointing", str(bool(gc)), "--bf16", str(bool(bf16))]
 
 
 def test_rows_cover_every_pair():
-    """Every pair of values of any two factors (precision aside: one bf16 cell) meets in some row."""
+    """Every pair of values of any two factors (precision aside: one bf16 cell) meets in some row, and so
+    do the triples where bugs lived: the shared-prompt policy forward (share_prompt on, checkpointing off)
+    under every launch and with fused_linear under ZeRO-3, and the partitioned reference (beta > 0) with
+    the shared prompt and with reused rollouts under both ZeRO-3 launches."""
     values = [LAUNCHES, ("eager", "triton", "fused_linear")] + [(0, 1)] * 5
     for a, b in itertools.combinations(range(7), 2):
         have = {(r[a], r[b]) for r in ROWS}
         missing = set(itertools.product(values[a], values[b])) - have
         assert not missing, f"no row has {FACTORS[a]}, {FACTORS[b]} = {sorted(missing)}"
-    assert any(r[-1] for r in ROWS) and any(r[-1] and r[2] and r[0].startswith("zero3") for r in ROWS)
+    fp32 = [r for r in ROWS if not r[7]]
+    for launch in LAUNCHES:
+        assert any(r[0] == launch and r[3] and not r[6] for r in fp32), launch
+    assert any(r[:2] == ("zero3", "fused_linear") and r[3] and not r[6] for r in fp32)
+    for launch in ("zero3", "zero3_offload"):
+        assert any(r[0] == launch and r[2] and r[3] for r in fp32) and any(r[0] == launch and r[2] and r[4] for r in fp32)
+    assert any(r[7] and r[2] and r[0] == "zero3" for r in ROWS), "the bf16 cell: a partitioned reference in bf16"
 
 
-def launch_cells(tmp_path: Path, launch: str, rows) -> subprocess.CompletedProcess:
-    cells = [{"name": cell_name(r), "args": cell_args(r)} for r in rows]
+def launch_cells(tmp_path: Path, launch: str, rows, extra=(), world: int = 2,
+                 timeout: int = 900) -> subprocess.CompletedProcess:
+    """Run ``rows`` (with ``extra`` arguments last) in one launch of ``world`` CPU processes."""
+    cells = [{"name": cell_name(r), "args": cell_args(r) + list(extra)} for r in rows]
     for c in cells:
         (tmp_path / c["name"]).mkdir(parents=True)
     probe = [str(ROOT / "tests" / "matrix_probe.py"), str(tmp_path), json.dumps(cells)]
@@ -85,9 +99,19 @@ def launch_cells(tmp_path: Path, launch: str, rows) -> subprocess.CompletedProce
         cmd = [sys.executable, *probe]
     else:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(ROOT / "accelerate_configs" / f"{launch}.yaml"), "--num_processes", "2", *probe]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+               str(ROOT / "accelerate_configs" / f"{launch}.yaml"), "--num_processes", str(world), *probe]
+    # The matrix is a CPU test (2 ranks need no 2 GPUs); Triton runs under its interpreter there.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TRITON_INTERPRET": "1"}
+    # Its own process group, so that a launch that hangs (ranks waiting on each other) is killed whole.
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{launch} launch of {[c['name'] for c in cells]} hung for {timeout} s\n{out[-2000:]}{err[-4000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def completion_logps(model, rec: dict) -> torch.Tensor:
@@ -103,29 +127,38 @@ def completion_logps(model, rec: dict) -> torch.Tensor:
     return torch.log_softmax(logits / TEMPERATURE, -1).gather(-1, r["completion_ids"].unsqueeze(-1)).squeeze(-1)
 
 
-def check_cell(out: Path, row, initial, initial_bf16) -> None:
+def check_cell(out: Path, row, initial, initial_bf16, world: int = 2, groups_span_ranks: bool = False) -> None:
     launch, impl, beta, share, iters, ga, gc, bf16 = row
     name = cell_name(row)
-    world = 1 if launch == "one" else 2
+    world = 1 if launch == "one" else world
     recs = [torch.load(out / name / f"rank{i}.pt", weights_only=False) for i in range(world)]
     assert [r["process_index"] for r in recs] == list(range(world)), name
     assert all(r["num_processes"] == r["world_size"] == world for r in recs), name
     assert recs[0]["zero_stage"] == {"one": 0, "zero2": 2}.get(launch, 3), name
     assert recs[0]["loss_impl"] == impl, name
-    assert recs[0]["steps"] == 2, name
+    assert recs[0]["steps"] == 2 * (1 + iters) and recs[0]["history"], name
     for h in recs[0]["history"]:
         assert torch.isfinite(torch.tensor(h["loss"])), (name, h)
         assert h["skipped_step"] == 0, (name, h)
 
-    from transformers import AutoModelForCausalLM
-    final = AutoModelForCausalLM.from_pretrained(out / name / "run" / "final")
-    with torch.no_grad():
-        moved = max(float((a - b).abs().max()) for a, b in zip(final.parameters(), initial.parameters()))
-    assert moved > 1e-4, f"{name}: weights did not move (max |dw| {moved:.2e})"
+    # a group of 4 lies within one rank in the matrix: the ranks sampled different prompts
+    prompts = [{tuple(ids[m.bool()].tolist()) for ids, m in zip(r["rollout"]["prompt_ids"], r["rollout"]["prompt_mask"])}
+                for r in recs]
+    assert groups_span_ranks or world == 1 or prompts[0].isdisjoint(prompts[1]), \
+        f"{name}: the ranks sampled the same prompts"
+    checksums = [r["checksum"] for r in recs]
+    assert max(checksums) - min(checksums) <= 1e-6 * max(1.0, abs(checksums[0])), f"{name}: ranks diverged"
 
-    # bf16 cells compute in bf16: compare with a bf16 forward of the initial weights. bf16 keeps 8 bits of
+    from transformers import AutoModelForCausalLM
+    final = AutoModelForCausalLM.from_pretrained(out / name / "run" / "final")  # ZeRO-3: gathered on save
+    # bf16 cells hold and compute in bf16: compare with the initial weights in bf16. bf16 keeps 8 bits of
     # mantissa, so logits near 16 are rounded to 1/16 (at temperature 2, log-probs differ by up to ~0.1).
     start, tol = (initial_bf16, 0.25) if bf16 else (initial, 1e-4)
+    with torch.no_grad():
+        moved = max(float((a.to(b.dtype) - b).abs().max()) for a, b in zip(final.parameters(), start.parameters()))
+        saved = float(sum(p.double().sum() for p in final.parameters()))
+    assert moved > 1e-4, f"{name}: weights did not move (max |dw| {moved:.2e})"
+    assert abs(saved - checksums[0]) <= 1e-5 * max(1.0, abs(saved)), f"{name}: final/ is not the trained policy"
     for rec in recs:
         active = rec["rollout"]["attention_mask"].bool()
         expect = completion_logps(start, rec)[active]
@@ -164,6 +197,18 @@ def run_and_check(tmp_path, launch, rows, initial_models):
 @pytest.mark.parametrize("launch", LAUNCHES)
 def test_pairwise_cells(tmp_path, launch, initial_models):
     run_and_check(tmp_path, launch, [r for r in ROWS if r[0] == launch], initial_models)
+
+
+def test_zero3_ranks_agree_whether_to_share_the_prompt(tmp_path, initial_models):
+    """3 ranks, groups of 3, micro-batches of 2: rank 1's micro-batch holds two different prompts (nothing to
+    share) while ranks 0 and 2 hold one prompt twice. A shared forward through the ZeRO-3 engine is two
+    forwards (prompt, then completions), each gathering parameters collectively: unless the ranks agree,
+    their gathers pair up wrongly and the run hangs or fails."""
+    row = ("zero3", "eager", 1, 1, 0, 0, 0, 0)
+    extra = ["--num_generations", "3", "--per_device_train_batch_size", "2"]
+    proc = launch_cells(tmp_path, "zero3", [row], extra, world=3, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
+    check_cell(tmp_path, row, *initial_models, world=3, groups_span_ranks=True)
 
 
 def product_chunks(size: int = 16):
