@@ -716,7 +716,7 @@ class GRPOTrainer:
             self.stream.load_state_dict(state["data"])
         except ValueError as e:
             raise ConfigError(f"cannot resume from {path}: {e}") from None
-        self.step = int(state["step"])
+        self.step = step
         self.history = state["history"]
         self.window = state.get("window", [])
         self.eval_before = state.get("eval_before")

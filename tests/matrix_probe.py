@@ -8,8 +8,8 @@ GRPOTrainer's setup, train (with evaluation before and after) and save. Per cell
 OUT_DIR/NAME/rank{i}.pt: what the rank saw (its index and the world size), the logged history, the last
 rollout's tensors, the reference log-probs the trainer computed for it (``ref_logps``, None when beta is
 0) and the policy's log-probs of the same rollout after training, computed by the trainer's own path;
-and the parameter bytes each rank holds for the policy and the reference. The test compares these with
-an independent forward of the initial weights.
+and the parameter bytes each rank holds of the reference. The test compares these with an independent
+forward of the initial weights.
 """
 import json
 import sys
@@ -59,7 +59,6 @@ def run_cell(out: Path, name: str, args: list[str]) -> None:
                                                            "completion_mask", "attention_mask")},
         "ref_logps": None if batch["ref_logps"] is None else batch["ref_logps"].float().cpu(),
         "policy_logps": policy_logps.float().cpu(), "checksum": checksum,
-        "policy_param_bytes": param_bytes(acc.unwrap_model(trainer.model)),
         "ref_param_bytes": None if trainer.ref_model is None else param_bytes(trainer.ref_model),
     }
     trainer.save(summary)

@@ -8,11 +8,12 @@ factors meets in at least one row (checked by ``test_rows_cover_every_pair``). T
 the ``slow`` marker.
 
 Each cell is a real run of two rollouts (2 optimiser steps, 4 with num_iterations 2) on the embedded model
-(tests/matrix_probe.py), with the cells of one launch in the same processes. Each asserts: the launch exits 0, the ranks see distinct indices and
-sample different prompts and end with the same weights, every logged loss is finite and no step was
-skipped, the saved final/ is the trained policy and its weights moved, and on the last rollout the
-reference log-probs the trainer computed equal an independent forward of the initial weights (and the
-policy's after training differ from them); under ZeRO-3 each rank holds 1/W of the reference.
+(tests/matrix_probe.py), with the cells of one launch in the same processes. Each asserts: the launch exits
+0, the ranks see distinct indices and sample different prompts and end with the same weights, every logged
+loss is finite and no step was skipped, the saved final/ is the trained policy and its weights moved, and
+on the last rollout the reference log-probs the trainer computed equal an independent forward of the
+initial weights (and the policy's after training differ from them); under ZeRO-3 each rank holds 1/W of
+the reference.
 """
 import itertools
 import json
@@ -28,6 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED = ROOT / "grpo_scale" / "assets" / "tiny-math"
 LAUNCHES = ("one", "zero2", "zero3", "zero3_offload")
+IMPLS = ("eager", "triton", "fused_linear")
 TEMPERATURE = 2.0  # hot sampling: the completions of a group differ
 # matrix_probe:text_checksum gives distinct completions distinct rewards: every group has a spread
 COMMON = ["--eval_size", "4", "--eval_batch_size", "4", "--max_completion_length", "12", "--report_to", "none",
@@ -74,7 +76,7 @@ def test_rows_cover_every_pair():
     do the triples where bugs lived: the shared-prompt policy forward (share_prompt on, checkpointing off)
     under every launch and with fused_linear under ZeRO-3, and the partitioned reference (beta > 0) with
     the shared prompt and with reused rollouts under both ZeRO-3 launches."""
-    values = [LAUNCHES, ("eager", "triton", "fused_linear")] + [(0, 1)] * 5
+    values = [LAUNCHES, IMPLS] + [(0, 1)] * 5
     for a, b in itertools.combinations(range(7), 2):
         have = {(r[a], r[b]) for r in ROWS}
         missing = set(itertools.product(values[a], values[b])) - have
@@ -214,7 +216,7 @@ def test_zero3_ranks_agree_whether_to_share_the_prompt(tmp_path, initial_models)
 def product_chunks(size: int = 16):
     """The full product, by launch, in chunks of ``size`` cells (one launch each)."""
     for launch in LAUNCHES:
-        rows = [(launch, impl, *bits) for impl in ("eager", "triton", "fused_linear")
+        rows = [(launch, impl, *bits) for impl in IMPLS
                 for bits in itertools.product((0, 1), repeat=6)]
         for i in range(0, len(rows), size):
             yield pytest.param(launch, rows[i:i + size], id=f"{launch}-{i // size}")
