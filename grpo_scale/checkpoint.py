@@ -80,11 +80,12 @@ def resolve_resume(output_dir: str | os.PathLike, resume: Optional[str]) -> Opti
 
 
 def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, trainer_state: dict,
-                    save_total_limit: Optional[int] = None) -> Path:
+                    save_total_limit: Optional[int] = None, **save_state_kwargs) -> Path:
     """Write ``OUTPUT_DIR/checkpoint-{step}`` atomically. Collective: every rank must call it.
 
     trainer_state: JSON-serialisable dict, identical on every rank (written by each node's local main
-    process). save_total_limit: keep only the newest this many complete checkpoints. Returns the path.
+    process). save_total_limit: keep only the newest this many complete checkpoints. save_state_kwargs go
+    to ``Accelerator.save_state`` (DeepSpeed's save_checkpoint). Returns the path.
     """
     root = Path(output_dir)
     final = root / f"checkpoint-{step}"
@@ -94,7 +95,7 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, train
         for stale in root.glob(f"checkpoint-*{TMP_SUFFIX}"):  # leftovers of killed saves
             shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    accelerator.save_state(str(tmp), **save_state_kwargs)
     accelerator.wait_for_everyone()
     if accelerator.is_local_main_process:
         _fsync_tree(tmp)  # the rename must not reach the disk before the files it publishes

@@ -49,6 +49,22 @@ class GRPOConfig:
     bf16: bool = _f(False, "Train in bfloat16 mixed precision (GPUs). The accelerate YAML holds no precision.")
     fp16: bool = _f(False, "Train in float16 mixed precision with loss scaling.")
 
+    # ------------------------------------------------------------------ LoRA (peft)
+    use_peft: bool = _f(False, "Train LoRA adapters (peft) instead of all weights. With beta > 0 the reference is "
+                        "the same network with its adapters off (no second model). final/ holds the merged model, "
+                        "adapter/ the adapter alone; checkpoints hold the adapter and its optimiser state only. A "
+                        "model_name_or_path that is an adapter folder continues that adapter (it is then the "
+                        "reference).")
+    lora_r: int = _f(16, "LoRA rank.")
+    lora_alpha: int = _f(32, "LoRA scaling numerator: the update is scaled by lora_alpha / lora_r.")
+    lora_dropout: float = _f(0.05, "Dropout on the LoRA branch's input while training (not in reference forwards).")
+    lora_target_modules: Optional[list] = _f(None, "Modules that get adapters: null for peft's default for the "
+                                             "architecture (q_proj and v_proj for Llama and Qwen2), all-linear for "
+                                             "every linear layer but the output head, or names (CLI: q_proj,v_proj).")
+    lora_modules_to_save: Optional[list] = _f(None, "Modules trained in full next to the adapters (e.g. a new "
+                                              "classification head); saved in adapter/.")
+    lora_task_type: str = _f("CAUSAL_LM", "peft task type; grpo-scale trains causal language models only.")
+
     # ------------------------------------------------------------------ data and tasks
     task_mix: dict = _f({"arithmetic": 1.0}, "Synthetic tasks and their sampling weights, e.g. "
                         "{arithmetic: 0.7, polynomial: 0.3} (CLI: arithmetic=0.7,polynomial=0.3).")
@@ -170,6 +186,13 @@ class GRPOConfig:
              f"attn_implementation must be auto, eager, sdpa or flash_attention_2, got {self.attn_implementation!r}")
         need(self.report_to in ("tensorboard", "none"), f"report_to must be tensorboard or none, got {self.report_to!r}")
         need(not (self.bf16 and self.fp16), "bf16 and fp16 are both true: pick one")
+        need(self.lora_r >= 1, f"lora_r must be >= 1, got {self.lora_r}")
+        need(self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha}")
+        need(0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        need(self.lora_task_type == "CAUSAL_LM",
+             f"lora_task_type must be CAUSAL_LM (grpo-scale trains causal LMs), got {self.lora_task_type!r}")
+        need(self.lora_target_modules is None or len(self.lora_target_modules) >= 1,
+             "lora_target_modules is empty: name modules, use all-linear, or null for peft's default")
         need(self.save_total_limit is None or self.save_total_limit >= 1,
              f"save_total_limit must be >= 1 or null, got {self.save_total_limit}")
         need(all(lv in (1, 2, 3, 4) for lv in self.task_level) and self.task_level,
@@ -211,26 +234,16 @@ class GRPOConfig:
         if self.model_name_or_path.startswith(EMBEDDED_PREFIX) and not Path(path).is_dir():
             raise ConfigError(f"the embedded model {self.model_name_or_path} is missing at {path}; build it with "
                               f"`python -m grpo_scale.tiny --output_dir {path}`")
-        local = Path(path)
-        # 'org/name' is a Hub name unless such a folder exists; anything else with a separator is a path
-        looks_local = local.exists() or path.startswith((".", os.sep)) or path.count("/") > 1 or (
-            os.sep != "/" and os.sep in path)
-        if not looks_local:
-            return
-        if not local.is_dir():
-            raise ConfigError(f"model_name_or_path: {path} is not a directory; pass a model folder (config.json "
-                              "and model.safetensors) or a Hub name such as Qwen/Qwen2.5-0.5B-Instruct")
-        if not (local / "config.json").is_file():
-            raise ConfigError(f"model_name_or_path: {path} is not a model folder (no config.json)")
-        if not any(local.glob("*.safetensors")):
-            pickles = sorted(p.name for p in local.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"))
-            if pickles:
+        if is_adapter_dir(path):
+            if not self.use_peft:
                 raise ConfigError(
-                    f"model_name_or_path: {path} holds its weights only as pickle files ({', '.join(pickles[:3])}). "
-                    "Loading a pickle can run arbitrary code, so grpo-scale reads safetensors only. If you trust "
-                    "the files, convert them once: AutoModelForCausalLM.from_pretrained(DIR, use_safetensors=False)"
-                    ".save_pretrained(DIR) writes model.safetensors")
-            raise ConfigError(f"model_name_or_path: {path} has no model weights (model.safetensors)")
+                    f"model_name_or_path: {path} is a LoRA adapter (adapter_config.json, no config.json): set "
+                    "use_peft true to continue training it, or merge it into its base first to train all weights "
+                    "(PeftModel.from_pretrained(base, DIR).merge_and_unload().save_pretrained(OUT))")
+            _check_weights(Path(path), "adapter_model")
+            _check_model_folder(adapter_base(path), "the base model of the adapter in " + path)
+            return
+        _check_model_folder(path, "model_name_or_path")
 
     @property
     def resolved_model_path(self) -> str:
@@ -241,6 +254,56 @@ class GRPOConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def is_adapter_dir(path: str) -> bool:
+    """Whether ``path`` is a peft adapter folder (adapter_config.json and no config.json)."""
+    p = Path(path)
+    return (p / "adapter_config.json").is_file() and not (p / "config.json").is_file()
+
+
+def adapter_base(path: str) -> str:
+    """The base model an adapter folder was trained on (its adapter_config.json), embedded names resolved."""
+    import json
+    file = Path(path) / "adapter_config.json"
+    try:
+        base = json.loads(file.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{file}: cannot read it ({e})") from None
+    if not base:
+        raise ConfigError(f"{file}: no base_model_name_or_path; set it to the model the adapter was trained on")
+    if base.startswith(EMBEDDED_PREFIX):
+        return str(Path(__file__).resolve().parent / "assets" / base[len(EMBEDDED_PREFIX):])
+    return base
+
+
+def _check_model_folder(path: str, what: str) -> None:
+    """A local model folder must hold config.json and safetensors weights; a Hub name is left to the loader."""
+    local = Path(path)
+    # 'org/name' is a Hub name unless such a folder exists; anything else with a separator is a path
+    looks_local = local.exists() or path.startswith((".", os.sep)) or path.count("/") > 1 or (
+        os.sep != "/" and os.sep in path)
+    if not looks_local:
+        return
+    if not local.is_dir():
+        raise ConfigError(f"{what}: {path} is not a directory; pass a model folder (config.json and "
+                          "model.safetensors) or a Hub name such as Qwen/Qwen2.5-0.5B-Instruct")
+    if not (local / "config.json").is_file():
+        raise ConfigError(f"{what}: {path} is not a model folder (no config.json)")
+    _check_weights(local, "model", what)
+
+
+def _check_weights(local: Path, stem: str, what: str = "model_name_or_path") -> None:
+    """safetensors weights only: loading a pickle can run arbitrary code."""
+    if any(local.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in local.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"))
+    if pickles:
+        raise ConfigError(
+            f"{what}: {local} holds its weights only as pickle files ({', '.join(pickles[:3])}). Loading a pickle "
+            "can run arbitrary code, so grpo-scale reads safetensors only. If you trust the files, convert them "
+            "once: from_pretrained(DIR, use_safetensors=False).save_pretrained(DIR) writes safetensors")
+    raise ConfigError(f"{what}: {local} has no weights ({stem}.safetensors)")
 
 
 # ---------------------------------------------------------------------------- parsing

@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from grpo_scale import checkpoint as ckpt
-from grpo_scale.config import ConfigError, GRPOConfig
+from grpo_scale import lora
+from grpo_scale.config import ConfigError, GRPOConfig, adapter_base, is_adapter_dir
 from grpo_scale.rewards import check_reward_columns, compute_rewards, correctness_reward, get_reward_funcs
 from grpo_scale.rollout import (CacheNotRepeatable, Rollout, cache_argument, can_share_prompt, full_inputs,
                                 generate, group_advantages, shared_prompt_inputs)
@@ -234,20 +235,30 @@ class GRPOTrainer:
     def _setup_model(self) -> None:
         cfg = self.cfg
         path = cfg.resolved_model_path
+        adapter_dir = path if is_adapter_dir(path) else None  # continue this LoRA adapter
+        base_path = adapter_base(path) if adapter_dir else path
+        tokenizer_path = adapter_dir if adapter_dir and (Path(adapter_dir) / "tokenizer_config.json").is_file() \
+            else base_path
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
-            model = self._load_model(path)
-            self.ref_model = self._load_model(path) if cfg.beta > 0 else None  # a frozen copy of the start
+            self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=cfg.trust_remote_code)
+            model = self._load_model(base_path)
+            # a frozen copy of the start; a LoRA run's reference is the same network with its adapters off
+            self.ref_model = self._load_model(base_path) if cfg.beta > 0 and not cfg.use_peft else None
         except (OSError, ValueError) as e:  # missing files, Hub errors, custom code without trust_remote_code
-            raise ConfigError(f"model_name_or_path: cannot load {path}: {e}") from None
+            raise ConfigError(f"model_name_or_path: cannot load {base_path}: {e}") from None
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         if not getattr(self.tokenizer, "chat_template", None):
             logger.warning("the tokenizer of %s has no chat template: prompts use the plain fallback "
                            "'SYSTEM\\n\\nUser: QUESTION\\nAssistant:' (grpo_scale.tasks.prompts.render_prompt)", path)
         if cfg.gradient_checkpointing:
+            # Non-reentrant: it needs no input that requires grad (frozen LoRA embeddings give none) and
+            # recomputes under ZeRO-3's parameter hooks like any forward.
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False  # training forwards; generation turns the cache on explicitly
+        if cfg.use_peft:
+            model = lora.wrap(model, cfg, adapter_dir, reference=cfg.beta > 0)
+        model.train()  # from_pretrained returns eval mode: dropout (LoRA's too) and checkpointing need train
         self.model = model
         self.cache_kw = cache_argument(model)
         self.share_prompt = cfg.share_prompt  # turned off at the first cache that cannot be repeated
@@ -261,6 +272,8 @@ class GRPOTrainer:
         self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
         # Stepped by hand once per optimiser step (Accelerate's wrapper would step it once per process).
         self.acc.register_for_checkpointing(self.scheduler)
+        if cfg.use_peft and not self.deepspeed:
+            self.acc.register_save_state_pre_hook(self._keep_trainable)
 
     def _setup_reference(self) -> None:
         """The frozen reference (beta > 0), placed once the policy is prepared. Under ZeRO-3 transformers
@@ -339,6 +352,25 @@ class GRPOTrainer:
                 yield model
         else:
             yield model
+
+    @contextlib.contextmanager
+    def reference(self):
+        """The model whose forward gives the reference log-probs (beta > 0): the frozen reference model,
+        gathered for the block under ZeRO-3 (one gather for all its micro-batches); with LoRA, the policy
+        itself, through its engine, with its adapters off (or the continued adapter's starting copy on),
+        in eval mode so that no LoRA dropout applies."""
+        if self.ref_model is not None:
+            with self.gathered(self.ref_model) as ref:
+                yield ref
+            return
+        inner = self.acc.unwrap_model(self.model)
+        was_training = inner.training
+        inner.eval()
+        try:
+            with lora.reference(inner):
+                yield self.model
+        finally:
+            inner.train(was_training)
 
     def unwrapped_for_generation(self):
         """The plain policy module, with ZeRO-3's sharded weights gathered once for the whole block."""
@@ -428,8 +460,8 @@ class GRPOTrainer:
         batch = {"rollout": rollout, "advantages": advantages, "old_logps": None, "ref_logps": None}
         if cfg.num_iterations > 1:
             batch["old_logps"] = self._logps(self.model, rollout)
-        if self.ref_model is not None:
-            with self.gathered(self.ref_model) as ref:  # ZeRO-3: one gather for all micro-batches
+        if cfg.beta > 0:
+            with self.reference() as ref:
                 batch["ref_logps"] = self._logps(ref, rollout)
         t3 = time.perf_counter()
         # dapo: tokens of the whole generation batch on all ranks, per process and micro-step, because
@@ -694,8 +726,10 @@ class GRPOTrainer:
 
     def save_checkpoint(self) -> Path:
         """OUTPUT_DIR/checkpoint-STEP, written atomically (see grpo_scale.checkpoint). Collective."""
+        # LoRA: the trainable state only (adapter and optimiser); the frozen base is reloaded on resume
+        kwargs = {"exclude_frozen_parameters": True} if self.cfg.use_peft and self.deepspeed else {}
         return ckpt.save_checkpoint(self.acc, self.cfg.output_dir, self.step, self._trainer_state(),
-                                    self.cfg.save_total_limit)
+                                    self.cfg.save_total_limit, **kwargs)
 
     def _load_checkpoint(self, path: Path) -> None:
         """Restore model, optimiser, scheduler, this rank's RNG states, data position and history."""
@@ -711,7 +745,14 @@ class GRPOTrainer:
         if not rng.is_file():  # Accelerate would only log this and sample differently from then on
             raise ConfigError(f"cannot resume from {path}: it has no {rng.name} (RNG state of rank "
                               f"{self.acc.process_index})")
-        self.acc.load_state(str(path))  # after set_seed: the restored RNG states win
+        if cfg.use_peft:  # the checkpoint holds the trainable parameters only (see save_checkpoint)
+            if self.deepspeed:
+                self.acc.load_state(str(path), load_module_strict=False)
+            else:
+                self._check_trainable_weights(path)
+                self.acc.load_state(str(path), strict=False)
+        else:
+            self.acc.load_state(str(path))  # after set_seed: the restored RNG states win
         try:
             self.stream.load_state_dict(state["data"])
         except ValueError as e:
@@ -730,20 +771,62 @@ class GRPOTrainer:
                            changed)
         logger.info("resumed from %s at step %d", path, self.step)
 
+    def _keep_trainable(self, models, weights, output_dir) -> None:
+        """Accelerate's save_state pre-hook (LoRA, without DeepSpeed): drop the frozen base from the
+        model state it writes, keeping the adapter (and modules_to_save)."""
+        for i, model in enumerate(models):
+            keep = lora.trainable_names(model)
+            weights[i] = {k: v for k, v in weights[i].items() if k in keep}
+
+    def _check_trainable_weights(self, path: Path) -> None:
+        """A LoRA checkpoint is loaded non-strictly (it lacks the frozen base): check first that it holds
+        exactly this model's trainable parameters, so none stays silently at its initial value."""
+        from safetensors import safe_open
+        file = path / "model.safetensors"
+        if not file.is_file():
+            raise ConfigError(f"cannot resume from {path}: it has no model.safetensors")
+        with safe_open(str(file), "pt") as f:
+            saved = set(f.keys())
+        want = lora.trainable_names(self.model)  # as Accelerate names them in save_state (see _keep_trainable)
+        if saved != want:
+            missing, extra = sorted(want - saved), sorted(saved - want)
+            raise ConfigError(f"cannot resume from {path}: its model state is not this run's LoRA adapter "
+                              f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected "
+                              f"{extra[:3]}{'...' if len(extra) > 3 else ''}); resume with the same model and "
+                              "lora_* settings as the run that wrote it")
+
     def save(self, summary: dict) -> None:
         """OUTPUT_DIR/final (HF format, safetensors) and OUTPUT_DIR/summary.json."""
         acc = self.acc
         out = Path(self.cfg.output_dir)
-        state_dict = acc.get_state_dict(self.model)  # gathers ZeRO-3 shards on rank 0
+        if self.cfg.use_peft:
+            self._save_lora(out)
+        else:
+            state_dict = acc.get_state_dict(self.model)  # gathers ZeRO-3 shards on rank 0
+            if acc.is_main_process:
+                model = acc.unwrap_model(self.model)
+                model.config.use_cache = True
+                model.save_pretrained(out / "final", state_dict=state_dict, safe_serialization=True)
         if acc.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
-            model = acc.unwrap_model(self.model)
-            model.config.use_cache = True
-            model.save_pretrained(out / "final", state_dict=state_dict, safe_serialization=True)
             self.tokenizer.save_pretrained(out / "final")
             (out / "summary.json").write_text(json.dumps(summary, indent=1))
         acc.wait_for_everyone()
         acc.end_training()
+
+    def _save_lora(self, out: Path) -> None:
+        """OUTPUT_DIR/adapter (the adapter alone: PeftModel.from_pretrained(base, dir)) and OUTPUT_DIR/final
+        (the base with the adapter merged, a plain transformers model). Collective under ZeRO-3."""
+        with self.gathered(self.model) as peft_model:
+            if self.acc.is_main_process:
+                out.mkdir(parents=True, exist_ok=True)
+                peft_model.save_pretrained(out / "adapter", selected_adapters=["default"], safe_serialization=True)
+                self.tokenizer.save_pretrained(out / "adapter")
+                merged = lora.merged_state_dict(peft_model)
+                base = peft_model.get_base_model()
+                base.config.use_cache = True
+                base.save_pretrained(out / "final", state_dict=merged, safe_serialization=True)
+                base.config.use_cache = False
 
 
 def param_bytes(model: torch.nn.Module) -> tuple[int, int]:

@@ -1,7 +1,8 @@
 """Kill and resume, end to end: an 8-step run is SIGKILLed during step 6 (after its step-4 checkpoint and
 its step-5 TensorBoard point), resumed with `--resume_from_checkpoint latest`, and compared with an
 uninterrupted run: final weights equal (max |dw| <= 1e-6), TensorBoard curves equal with each step once,
-held-out evaluation before training not repeated. Single process and 2 ranks under DeepSpeed ZeRO-2."""
+held-out evaluation before training not repeated. Single process and 2 ranks under DeepSpeed ZeRO-2, full
+fine-tuning and LoRA (whose checkpoints hold the adapter and its optimiser state, not the frozen base)."""
 import json
 from pathlib import Path
 
@@ -12,8 +13,12 @@ import reliability_helpers as rh
 TOL = 1e-6
 
 
-def kill_and_resume(tmp_path: Path, ranks: int) -> dict:
-    args = ["--model_name_or_path", rh.tiny_model_path(), *rh.FAST, "--max_steps", "8", "--save_steps", "4"]
+LORA = ["--use_peft", "true", "--beta", "0.04", "--learning_rate", "1e-3", "--lora_dropout", "0.1"]
+
+
+def kill_and_resume(tmp_path: Path, ranks: int, extra=()) -> dict:
+    args = ["--model_name_or_path", rh.tiny_model_path(), *rh.FAST, "--max_steps", "8", "--save_steps", "4",
+            *extra]
     if ranks == 2:  # the same global batch, split over two ranks
         args += ["--per_device_train_batch_size", "4"]
     ref, run = tmp_path / "uninterrupted", tmp_path / "resumed"
@@ -65,5 +70,30 @@ def test_kill_and_resume_two_ranks_zero2(tmp_path):
     assert (r["run"] / "checkpoint-4" / "random_states_1.pkl").is_file()  # rank 1's RNG, its own file
     state = json.loads((r["run"] / "checkpoint-8" / "trainer_state.json").read_text())
     assert state["num_processes"] == 2 and state["zero_stage"] == 2
+    check_tensorboard(r["ref"], r["run"])
+    check_summaries(r["ref"], r["run"])
+
+
+def lora_weight_diff(a: Path, b: Path) -> float:
+    """max |dw| over the adapters (adapter/) of two LoRA runs."""
+    from safetensors.torch import load_file
+    x, y = (load_file(str(d / "adapter" / "adapter_model.safetensors")) for d in (a, b))
+    assert x.keys() == y.keys() and any("lora_B" in k for k in x)
+    return max(float((x[k].double() - y[k].double()).abs().max()) for k in x)
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_kill_and_resume_lora(tmp_path, ranks):
+    """LoRA with the reference as adapters-off: the resumed run's adapter and merged final/ equal the
+    uninterrupted run's, and the checkpoint holds the trainable state only."""
+    r = kill_and_resume(tmp_path, ranks=ranks, extra=LORA)
+    da = lora_weight_diff(r["ref"], r["run"])
+    print(f"LoRA, {ranks} rank(s): max |dw| adapter {da:.3g}, merged final/ {r['dw']:.3g}")
+    assert da <= TOL and r["dw"] <= TOL
+    assert rh.max_weight_diff(r["run"] / "final", Path(rh.tiny_model_path())) > 1e-4
+    ckpt = r["run"] / "checkpoint-4"
+    held = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file() and "model" in f.name)
+    base = (Path(rh.tiny_model_path()) / "model.safetensors").stat().st_size
+    assert held < base / 10, f"checkpoint model state {held} bytes: it holds the frozen base ({base} bytes)"
     check_tensorboard(r["ref"], r["run"])
     check_summaries(r["ref"], r["run"])
