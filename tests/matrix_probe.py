@@ -8,7 +8,8 @@ GRPOTrainer's setup, train (with evaluation before and after) and save. Per cell
 OUT_DIR/NAME/rank{i}.pt: what the rank saw (its index and the world size), the logged history, the last
 rollout's tensors, the reference log-probs the trainer computed for it (``ref_logps``, None when beta is
 0) and the policy's log-probs of the same rollout after training, computed by the trainer's own path;
-and the parameter bytes each rank holds of the reference. The test compares these with an independent
+and the parameter bytes each rank holds of the reference; for LoRA cells, the adapter's state and the
+drift of the frozen base (``lora_state``). The test compares these with an independent
 forward of the initial weights.
 """
 import json
@@ -27,6 +28,25 @@ def text_checksum(prompts, completions, **columns) -> list[float]:
     """A reward in [0, 1) that differs between distinct completions (a checksum of the text), so every
     group has a reward spread and every cell's weights move, whatever the model writes in a few tokens."""
     return [zlib.crc32(c.encode()) / 2**32 for c in completions]
+
+
+def lora_state(peft_model, base_path: str) -> dict:
+    """What a LoRA cell checks of the live model: the largest |lora_B| (zero at the start), the sum of the
+    trainable (adapter) weights, and the largest change of any frozen base weight against the files it
+    was loaded from (under the merged model's names)."""
+    from safetensors.torch import load_file
+
+    from grpo_scale.lora import _base_name
+    initial = load_file(str(Path(base_path) / "model.safetensors"))
+    b_max = max(float(p.detach().abs().max()) for n, p in peft_model.named_parameters() if "lora_B" in n)
+    trained = float(sum(p.detach().double().sum() for p in peft_model.parameters() if p.requires_grad))
+    drift, compared = 0.0, 0
+    for name, p in peft_model.get_base_model().named_parameters():
+        clean = _base_name(name)
+        if clean in initial and not p.requires_grad:
+            drift = max(drift, float((p.detach().double() - initial[clean].double()).abs().max()))
+            compared += 1
+    return {"b_max": b_max, "trained_sum": trained, "base_drift": drift, "base_compared": compared}
 
 
 def run_cell(out: Path, name: str, args: list[str]) -> None:
@@ -49,6 +69,7 @@ def run_cell(out: Path, name: str, args: list[str]) -> None:
     policy_logps = trainer._logps(trainer.model, rollout)  # after training; a collective under ZeRO-3
     with trainer.gathered(trainer.model) as model:
         checksum = float(sum(p.detach().double().sum() for p in model.parameters()))
+        lora_record = lora_state(model, cfg.resolved_model_path) if cfg.use_peft else None
     acc = trainer.acc
     record = {
         "process_index": acc.process_index, "num_processes": acc.num_processes,
@@ -60,6 +81,7 @@ def run_cell(out: Path, name: str, args: list[str]) -> None:
         "ref_logps": None if batch["ref_logps"] is None else batch["ref_logps"].float().cpu(),
         "policy_logps": policy_logps.float().cpu(), "checksum": checksum,
         "ref_param_bytes": None if trainer.ref_model is None else param_bytes(trainer.ref_model),
+        "lora": lora_record,
     }
     trainer.save(summary)
     torch.save(record, out / name / f"rank{acc.process_index}.pt")

@@ -2,8 +2,9 @@
 
 Factors: launch (one process, ZeRO-2 on 2 ranks, ZeRO-3 on 2 ranks, ZeRO-3 with CPU offload on 2 ranks) x
 beta (0, > 0) x share_prompt x num_iterations (1, 2) x gradient accumulation (1, 2) x loss_impl (eager, and
-triton and fused_linear under the Triton interpreter) x gradient checkpointing, plus precision (fp32, and
-one bf16 cell in the default suite). ``ROWS`` is a pairwise covering set: every pair of values of any two
+triton and fused_linear under the Triton interpreter) x gradient checkpointing x LoRA (full fine-tuning, or
+peft adapters whose reference is the network with adapters off), plus precision (fp32, and one bf16 cell in
+the default suite). ``ROWS`` is a pairwise covering set: every pair of values of any two
 factors meets in at least one row (checked by ``test_rows_cover_every_pair``). The full product runs behind
 the ``slow`` marker.
 
@@ -13,7 +14,8 @@ Each cell is a real run of two rollouts (2 optimiser steps, 4 with num_iteration
 loss is finite and no step was skipped, the saved final/ is the trained policy and its weights moved, and
 on the last rollout the reference log-probs the trainer computed equal an independent forward of the
 initial weights (and the policy's after training differ from them); under ZeRO-3 each rank holds 1/W of
-the reference.
+the reference. LoRA cells also assert that lora_B moved away from zero, no frozen base weight changed,
+adapter/ is the trained adapter, and the merged final/ computes what the adapter on its base computes.
 """
 import itertools
 import json
@@ -37,56 +39,65 @@ COMMON = ["--eval_size", "4", "--eval_batch_size", "4", "--max_completion_length
           "--temperature", str(TEMPERATURE), "--cpu_threads", "1", "--loss_type", "dapo",
           "--reward_funcs", "correctness,format,matrix_probe:text_checksum", "--reward_weights", "1,0.2,1"]
 
-# (launch, loss_impl, beta > 0, share_prompt, num_iterations 2, accumulation 2, gradient checkpointing, bf16)
+# (launch, loss_impl, beta > 0, share_prompt, num_iterations 2, accumulation 2, gradient checkpointing, bf16, LoRA)
 ROWS = [
-    ("one", "eager", 1, 1, 1, 0, 0, 0),
-    ("one", "triton", 0, 0, 0, 0, 1, 0),
-    ("one", "fused_linear", 0, 0, 1, 1, 1, 0),
-    ("zero2", "eager", 1, 1, 1, 0, 1, 0),
-    ("zero2", "triton", 1, 1, 0, 1, 0, 0),
-    ("zero2", "fused_linear", 0, 0, 0, 0, 0, 0),
-    ("zero3", "eager", 0, 0, 1, 1, 1, 0),
-    ("zero3", "triton", 1, 1, 1, 0, 1, 0),
-    ("zero3", "fused_linear", 1, 1, 0, 1, 0, 0),
-    ("zero3", "eager", 1, 1, 0, 0, 0, 1),          # the bf16 cell: a partitioned reference in bf16
-    ("zero3_offload", "eager", 1, 0, 0, 0, 0, 0),
-    ("zero3_offload", "triton", 0, 1, 1, 1, 0, 0),
-    ("zero3_offload", "fused_linear", 1, 1, 1, 1, 1, 0),
+    ("one", "eager", 0, 1, 1, 0, 0, 0, 0),
+    ("one", "triton", 1, 1, 0, 0, 1, 0, 1),
+    ("one", "fused_linear", 0, 0, 0, 1, 0, 0, 0),
+    ("zero2", "eager", 0, 1, 1, 1, 0, 0, 1),
+    ("zero2", "triton", 1, 0, 0, 0, 1, 0, 0),
+    ("zero2", "fused_linear", 1, 0, 1, 1, 1, 0, 1),
+    ("zero3", "eager", 0, 0, 0, 1, 1, 0, 1),
+    ("zero3", "triton", 1, 1, 1, 1, 0, 0, 1),
+    ("zero3", "fused_linear", 1, 1, 1, 0, 0, 0, 0),
+    ("zero3", "eager", 1, 1, 0, 0, 0, 1, 0),          # the bf16 cell: a partitioned reference in bf16
+    ("zero3_offload", "eager", 1, 1, 1, 1, 1, 0, 0),
+    ("zero3_offload", "triton", 0, 0, 1, 1, 0, 0, 0),
+    ("zero3_offload", "fused_linear", 1, 1, 0, 0, 0, 0, 1),
 ]
 FACTORS = ("launch", "loss_impl", "beta", "share_prompt", "num_iterations", "gradient_accumulation_steps",
-           "gradient_checkpointing", "bf16")
+           "gradient_checkpointing", "bf16", "use_peft")
+PAIRED = (0, 1, 2, 3, 4, 5, 6, 8)  # every factor but precision
 
 
 def cell_name(row) -> str:
-    launch, impl, beta, share, iters, ga, gc, bf16 = row
+    launch, impl, beta, share, iters, ga, gc, bf16, peft = row
     return "-".join([launch, impl, "beta" if beta else "nobeta", "share" if share else "noshare",
-                     f"it{1 + iters}", f"ga{1 + ga}", "gc" if gc else "nogc", "bf16" if bf16 else "fp32"])
+                     f"it{1 + iters}", f"ga{1 + ga}", "gc" if gc else "nogc", "bf16" if bf16 else "fp32",
+                     "lora" if peft else "full"])
 
 
 def cell_args(row) -> list[str]:
-    launch, impl, beta, share, iters, ga, gc, bf16 = row
+    launch, impl, beta, share, iters, ga, gc, bf16, peft = row
     # two rollouts: the second is scored after the policy moved, so reference and policy log-probs differ
     return COMMON + ["--max_steps", str(2 * (1 + iters)), "--loss_impl", impl, "--beta", "0.04" if beta else "0", "--share_prompt", str(bool(share)),
                      "--num_iterations", str(1 + iters), "--gradient_accumulation_steps", str(1 + ga),
-                     "--gradient_checkpointing", str(bool(gc)), "--bf16", str(bool(bf16))]
+                     "--gradient_checkpointing", str(bool(gc)), "--bf16", str(bool(bf16)), "--use_peft", str(bool(peft))]
 
 
 def test_rows_cover_every_pair():
     """Every pair of values of any two factors (precision aside: one bf16 cell) meets in some row, and so
     do the triples where bugs lived: the shared-prompt policy forward (share_prompt on, checkpointing off)
-    under every launch and with fused_linear under ZeRO-3, and the partitioned reference (beta > 0) with
-    the shared prompt and with reused rollouts under both ZeRO-3 launches."""
-    values = [LAUNCHES, IMPLS] + [(0, 1)] * 5
-    for a, b in itertools.combinations(range(7), 2):
+    under every launch and with fused_linear under ZeRO-3; the partitioned reference model (beta > 0, full
+    fine-tuning) with the shared prompt and with reused rollouts under both ZeRO-3 launches; and the LoRA
+    reference (adapters off, through the engine) under every launch, with the shared prompt under both
+    ZeRO-3 launches, with fused_linear under ZeRO-3, and LoRA with gradient checkpointing under ZeRO-3."""
+    values = [LAUNCHES, IMPLS] + [(0, 1)] * 7
+    for a, b in itertools.combinations(PAIRED, 2):
         have = {(r[a], r[b]) for r in ROWS}
         missing = set(itertools.product(values[a], values[b])) - have
         assert not missing, f"no row has {FACTORS[a]}, {FACTORS[b]} = {sorted(missing)}"
     fp32 = [r for r in ROWS if not r[7]]
+    full, peft = [r for r in fp32 if not r[8]], [r for r in fp32 if r[8]]
     for launch in LAUNCHES:
         assert any(r[0] == launch and r[3] and not r[6] for r in fp32), launch
+        assert any(r[0] == launch and r[2] for r in peft), f"{launch}: LoRA with its adapters-off reference"
     assert any(r[:2] == ("zero3", "fused_linear") and r[3] and not r[6] for r in fp32)
     for launch in ("zero3", "zero3_offload"):
-        assert any(r[0] == launch and r[2] and r[3] for r in fp32) and any(r[0] == launch and r[2] and r[4] for r in fp32)
+        assert any(r[0] == launch and r[2] and r[3] for r in full) and any(r[0] == launch and r[2] and r[4] for r in full)
+        assert any(r[0] == launch and r[2] and r[3] and not r[6] for r in peft), launch
+    assert any(r[0].startswith("zero3") and r[1] == "fused_linear" and r[2] for r in peft)
+    assert any(r[0].startswith("zero3") and r[6] for r in peft)
     assert any(r[7] and r[2] and r[0] == "zero3" for r in ROWS), "the bf16 cell: a partitioned reference in bf16"
 
 
@@ -130,7 +141,7 @@ def completion_logps(model, rec: dict) -> torch.Tensor:
 
 
 def check_cell(out: Path, row, initial, initial_bf16, world: int = 2, groups_span_ranks: bool = False) -> None:
-    launch, impl, beta, share, iters, ga, gc, bf16 = row
+    launch, impl, beta, share, iters, ga, gc, bf16, peft = row
     name = cell_name(row)
     world = 1 if launch == "one" else world
     recs = [torch.load(out / name / f"rank{i}.pt", weights_only=False) for i in range(world)]
@@ -160,7 +171,10 @@ def check_cell(out: Path, row, initial, initial_bf16, world: int = 2, groups_spa
         moved = max(float((a.to(b.dtype) - b).abs().max()) for a, b in zip(final.parameters(), start.parameters()))
         saved = float(sum(p.double().sum() for p in final.parameters()))
     assert moved > 1e-4, f"{name}: weights did not move (max |dw| {moved:.2e})"
-    assert abs(saved - checksums[0]) <= 1e-5 * max(1.0, abs(saved)), f"{name}: final/ is not the trained policy"
+    if peft:
+        check_lora(out / name / "run", recs, start, final, name)
+    else:
+        assert abs(saved - checksums[0]) <= 1e-5 * max(1.0, abs(saved)), f"{name}: final/ is not the trained policy"
     for rec in recs:
         active = rec["rollout"]["attention_mask"].bool()
         expect = completion_logps(start, rec)[active]
@@ -170,6 +184,9 @@ def check_cell(out: Path, row, initial, initial_bf16, world: int = 2, groups_spa
             assert err <= tol, f"{name} rank {rec['process_index']}: reference log-probs off by {err:.2e}"
             assert drift > 5 * max(err, tol / 10), \
                 f"{name}: the policy's log-probs ({drift:.2e}) hardly differ from the reference's ({err:.2e})"
+            if peft:  # the reference is the policy with its adapters off: no second model
+                assert rec["ref_param_bytes"] is None, name
+                continue
             held, full = rec["ref_param_bytes"]
             if launch.startswith("zero3"):  # each rank holds its partition (padded to a multiple of W)
                 assert held < full / world * 1.05, f"{name}: rank holds {held} of the reference's {full} bytes"
@@ -178,6 +195,28 @@ def check_cell(out: Path, row, initial, initial_bf16, world: int = 2, groups_spa
         else:
             assert rec["ref_logps"] is None and rec["ref_param_bytes"] is None, name
             assert drift > 1e-4, f"{name}: the policy's log-probs did not change ({drift:.2e})"
+
+
+def check_lora(run: Path, recs, start, final, name: str) -> None:
+    """A LoRA cell: lora_B moved away from zero, no frozen base weight changed (on any rank), adapter/ holds
+    the trained adapter, and final/ (merged) computes what the adapter on the untouched base computes."""
+    import copy
+
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    for rec in recs:
+        st = rec["lora"]
+        assert st["b_max"] > 1e-4, f"{name}: lora_B did not move away from zero ({st['b_max']:.2e})"
+        assert st["base_compared"] > 0 and st["base_drift"] == 0.0, f"{name}: the frozen base moved ({st})"
+    adapter = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    saved = float(sum(t.double().sum() for t in adapter.values()))
+    assert abs(saved - recs[0]["lora"]["trained_sum"]) <= 1e-6 * max(1.0, abs(saved)), \
+        f"{name}: adapter/ is not the trained adapter"
+    with_adapter = PeftModel.from_pretrained(copy.deepcopy(start), run / "adapter").eval()
+    err = float((completion_logps(final, recs[0]) - completion_logps(with_adapter, recs[0])).abs().max())
+    assert err <= 1e-4, f"{name}: merged final/ differs from the adapter on its base by {err:.2e}"
+    assert torch.equal(final.get_input_embeddings().weight, start.get_input_embeddings().weight), \
+        f"{name}: merging changed the (tied) input embeddings"
 
 
 @pytest.fixture(scope="module")
@@ -206,7 +245,7 @@ def test_zero3_ranks_agree_whether_to_share_the_prompt(tmp_path, initial_models)
     share) while ranks 0 and 2 hold one prompt twice. A shared forward through the ZeRO-3 engine is two
     forwards (prompt, then completions), each gathering parameters collectively: unless the ranks agree,
     their gathers pair up wrongly and the run hangs or fails."""
-    row = ("zero3", "eager", 1, 1, 0, 0, 0, 0)
+    row = ("zero3", "eager", 1, 1, 0, 0, 0, 0, 0)
     extra = ["--num_generations", "3", "--per_device_train_batch_size", "2"]
     proc = launch_cells(tmp_path, "zero3", [row], extra, world=3, timeout=400)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
@@ -216,8 +255,8 @@ def test_zero3_ranks_agree_whether_to_share_the_prompt(tmp_path, initial_models)
 def product_chunks(size: int = 16):
     """The full product, by launch, in chunks of ``size`` cells (one launch each)."""
     for launch in LAUNCHES:
-        rows = [(launch, impl, *bits) for impl in IMPLS
-                for bits in itertools.product((0, 1), repeat=6)]
+        rows = [(launch, impl, *bits[:6], peft) for impl in IMPLS
+                for bits in itertools.product((0, 1), repeat=6) for peft in (0, 1)]
         for i in range(0, len(rows), size):
             yield pytest.param(launch, rows[i:i + size], id=f"{launch}-{i // size}")
 
