@@ -786,14 +786,17 @@ class GRPOTrainer:
         if not file.is_file():
             raise ConfigError(f"cannot resume from {path}: it has no model.safetensors")
         with safe_open(str(file), "pt") as f:
-            saved = set(f.keys())
-        want = lora.trainable_names(self.model)  # as Accelerate names them in save_state (see _keep_trainable)
-        if saved != want:
-            missing, extra = sorted(want - saved), sorted(saved - want)
+            saved = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+        model = self.model  # named as Accelerate names them in save_state (see _keep_trainable)
+        want = {n: list(p.shape) for n, p in model.named_parameters() if n in lora.trainable_names(model)}
+        missing, extra = sorted(want.keys() - saved.keys()), sorted(saved.keys() - want.keys())
+        reshaped = sorted(k for k in want.keys() & saved.keys() if want[k] != saved[k])
+        if missing or extra or reshaped:
+            problems = [f"{what} {names[:3]}{'...' if len(names) > 3 else ''}" for what, names in
+                        (("missing", missing), ("unexpected", extra), ("of another shape", reshaped)) if names]
             raise ConfigError(f"cannot resume from {path}: its model state is not this run's LoRA adapter "
-                              f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected "
-                              f"{extra[:3]}{'...' if len(extra) > 3 else ''}); resume with the same model and "
-                              "lora_* settings as the run that wrote it")
+                              f"({'; '.join(problems)}); resume with the same model and lora_* settings as the "
+                              "run that wrote it")
 
     def save(self, summary: dict) -> None:
         """OUTPUT_DIR/final (HF format, safetensors) and OUTPUT_DIR/summary.json."""

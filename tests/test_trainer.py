@@ -149,7 +149,20 @@ def test_gradient_checkpointing_uses_the_full_forward(tmp_path):
     """transformers turns the KV cache off under gradient checkpointing: the policy forward falls back."""
     trainer = make_trainer(tmp_path, "--gradient_checkpointing", "true", "--max_steps", "1", "--temperature", "2.0")
     before = params_of(trainer)
-    m = trainer.grpo_step(trainer.generate_and_score())
+    batch = trainer.generate_and_score()
+    # checkpointing recomputes each layer in the backward: two forwards of a layer per micro-batch (it is
+    # silently off when the model is in eval mode, as from_pretrained leaves it)
+    # (counted on a module inside the layer: the layer's own hooks stay outside the checkpoint)
+    mlp = trainer.acc.unwrap_model(trainer.model).get_decoder().layers[0].mlp
+    calls = []
+    hook = mlp.register_forward_pre_hook(lambda *a: calls.append(1))
+    m = trainer.grpo_step(batch)
+    hook.remove()
+    micro_batches = len(batch["rollout"]) // trainer.cfg.per_device_train_batch_size
+    with torch.no_grad():
+        _, keep = trainer._inputs(trainer.model, batch["rollout"], trainer.model)
+    assert keep == batch["rollout"].completion_ids.shape[1] + 1, "the shared-prompt forward ran under checkpointing"
+    assert len(calls) == 2 * micro_batches, f"{len(calls)} layer forwards for {micro_batches} micro-batch(es)"
     assert math.isfinite(m["loss"]) and not torch.equal(before, params_of(trainer))
 
 
