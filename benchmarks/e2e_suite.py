@@ -15,7 +15,9 @@ not reported.
 
 Rows: per side, the step time and its phases (s), steps/s, tokens/s (prompt + completion tokens of
 every completion, however they were computed), peak memory, the reward of every measured step (the
-curve), and the ratio of steps/s ours : TRL's. On the CPU the model is the embedded one; on a GPU, a
+curve), and the ratio of steps/s ours : TRL's. Then the memory comparison (`MEMORY_SIDES`, stepped in
+turn the same way): peak memory and step time of a step with beta 0.04, full fine-tuning vs LoRA, and
+their ratio. On the CPU the model is the embedded one; on a GPU, a
 randomly initialised model with Qwen2.5-0.5B's shapes (`qwen2_5_0_5b_config`), with the embedded
 model's tokenizer.
 """
@@ -36,6 +38,11 @@ EMBEDDED = ROOT / "grpo_scale" / "assets" / "tiny-math"
 PHASES = ("generation", "reward", "logps", "policy", "optimizer", "other")
 TARGET_SPEEDUP = 2.0  # the issue's target on the CPU with the embedded model
 SIDE_OVERRIDES = {"ours": [], "ours-unshared": ["--share_prompt", "false"], "trl": []}
+# The memory comparison: a step with a KL penalty (beta > 0), full fine-tuning (a second, frozen model as
+# the reference, gradients and AdamW state for every weight) vs LoRA (adapters only; the reference is the
+# same network with its adapters off)
+MEMORY_SIDES = {"ours-full-beta": ["--beta", "0.04"], "ours-lora-beta": ["--beta", "0.04", "--use_peft", "true"]}
+SIDE_OVERRIDES.update(MEMORY_SIDES)
 
 
 def qwen2_5_0_5b_config() -> dict:
@@ -153,8 +160,34 @@ def _rows_of_side(side: str, steps: list[dict], base: dict, memory_note: str) ->
     return rows
 
 
+def memory_rows(device: str, quick: bool, model: str, name: str, memory_note: str, overrides: list[str],
+                log: Callable[[str], None] = print) -> list[Row]:
+    """Peak memory of one step with beta > 0, full fine-tuning vs LoRA (after a warm-up step, so AdamW's
+    state exists), the step times, and the ratio LoRA : full."""
+    warmup, steps = (1, 2) if quick else (1, 4)
+    log("  memory: beta 0.04, full fine-tuning vs LoRA")
+    results = run_sides(list(MEMORY_SIDES), model, device, warmup, steps, overrides, log)
+    base = _base(name, results["ours-full-beta"]["done"]["settings"])
+    rows, peaks = [], {}
+    for side, r in results.items():
+        peak = [s["peak_memory"] / 2**20 for s in r["steps"]]
+        peaks[side] = summarize(peak)
+        note = "; ".join([f"beta 0.04, {'LoRA (peft defaults)' if 'lora' in side else 'full fine-tuning'}",
+                          memory_note])
+        rows.append(measured(peak, **dict(base, provider=side, note=note), mode="step", metric="peak_memory",
+                             unit="MiB"))
+        rows.append(measured([s["step_s"] for s in r["steps"]], **dict(base, provider=side), mode="step",
+                             metric="time", unit="s"))
+    lora, full = peaks["ours-lora-beta"], peaks["ours-full-beta"]
+    rows.append(Row(**dict(base, provider="lora/full"), mode="step", metric="peak_memory_ratio", unit="x",
+                    median=lora["median"] / full["median"], q20=lora["q20"] / full["q80"],
+                    q80=lora["q80"] / full["q20"], n=lora["n"], note="median peak memory, LoRA : full, beta 0.04"))
+    return rows
+
+
 def run_suite(device: str, quick: bool, model: str | None = None, with_trl: bool = True,
-              overrides: list[str] | None = None, log: Callable[[str], None] = print) -> list[Row]:
+              overrides: list[str] | None = None, log: Callable[[str], None] = print,
+              with_memory: bool = True, with_speed: bool = True) -> list[Row]:
     """Measures our trainer, and TRL's with the same settings when installed (and `with_trl`)."""
     cuda = device.startswith("cuda")
     warmup, steps = (1, 3) if quick else (2, 20 if not cuda else 8)
@@ -173,6 +206,26 @@ def run_suite(device: str, quick: bool, model: str | None = None, with_trl: bool
             log("  building a random model with Qwen2.5-0.5B's shapes")
             model = str(build_random_model(tempfile.mkdtemp(prefix="qwen-0.5b-random-"), EMBEDDED))
             name = "qwen2.5-0.5b-random"
+    memory_note = ("max_memory_allocated" if cuda else
+                   "process resident set size, sampled every 2 ms (runtime and libraries included)")
+    rows, skipped = [], []
+    if with_speed:
+        rows, skipped = speed_rows(device, quick, model, name, cuda, with_trl, warmup, steps, overrides,
+                                   memory_note, log)
+    if with_memory:
+        rows += memory_rows(device, quick, model, name, memory_note, overrides, log)
+    return rows + skipped
+
+
+def _base(name: str, settings: dict) -> dict:
+    shape = (f"{name}: {settings['per_device_train_batch_size'] // settings['num_generations']} prompts x "
+             f"{settings['num_generations']} completions, <= {settings['max_completion_length']} tokens")
+    return dict(benchmark="e2e", shape=shape, dtype="bf16" if settings.get("bf16") else "fp32",
+                level=settings["importance_sampling_level"])
+
+
+def speed_rows(device, quick, model, name, cuda, with_trl, warmup, steps, overrides, memory_note, log):
+    """Our trainer (prompt shared and not) and TRL's, stepped in turn: (rows, skipped rows)."""
     sides = ["ours", "ours-unshared"]
     skipped = []
     if with_trl and trl_available():
@@ -181,14 +234,8 @@ def run_suite(device: str, quick: bool, model: str | None = None, with_trl: bool
         skipped.append(Row(benchmark="e2e", provider="trl", shape=name, metric="steps_per_s", unit="1/s",
                            status="skipped: trl (and datasets) not installed"))
     results = run_sides(sides, model, device, warmup, steps, overrides, log)
-    settings = results["ours"]["done"]["settings"]
-    shape = (f"{name}: {settings['per_device_train_batch_size'] // settings['num_generations']} prompts x "
-             f"{settings['num_generations']} completions, <= {settings['max_completion_length']} tokens")
+    base = _base(name, results["ours"]["done"]["settings"])
     threads = {side: r["done"]["torch_threads"] for side, r in results.items()}
-    base = dict(benchmark="e2e", shape=shape, dtype="bf16" if settings.get("bf16") else "fp32",
-                level=settings["importance_sampling_level"])
-    memory_note = ("max_memory_allocated" if cuda else
-                   "process resident set size, sampled every 2 ms (runtime and libraries included)")
     rows = []
     for side, r in results.items():
         rows += _rows_of_side(side, r["steps"], dict(base, note=f"{threads[side]} torch thread(s)"), memory_note)
@@ -202,4 +249,5 @@ def run_suite(device: str, quick: bool, model: str | None = None, with_trl: bool
         rows.append(Row(**dict(base, provider="ours/trl"), mode="step", metric="speedup", unit="x",
                         median=ratio, q20=ours["q20"] / trl["q80"], q80=ours["q80"] / trl["q20"], n=ours["n"],
                         note=note))
-    return rows + skipped
+    return rows, skipped
+

@@ -3,11 +3,13 @@
     python benchmarks/run.py --quick                 # CPU smoke run, a few minutes
     python benchmarks/run.py --suite kernel          # kernel suite only (CUDA when available)
     python benchmarks/run.py --suite e2e --no-trl    # our trainer only
+    python benchmarks/run.py --suite e2e --memory-only --model_name_or_path DIR   # beta > 0: full vs LoRA
     python benchmarks/plot.py                        # PNGs from the CSVs (run.py also calls it)
     python benchmarks/report.py                      # the README's tables from the CSVs
 
 Writes benchmarks/results/<device>-kernel.csv, <device>-traffic.csv and <device>-e2e.csv, where
-<device> is `cpu` or the GPU's name (e.g. `cuda-nvidia-h100-80gb-hbm3`). Without a GPU the Triton
+<device> is `cpu` or the GPU's name (e.g. `cuda-nvidia-h100-80gb-hbm3`); --memory-only writes
+<device>-e2e-memory-<model folder name>.csv. Without a GPU the Triton
 providers run under Triton's interpreter (set here before any kernel is imported): they are checked
 and their memory traffic is counted, but not timed. On a GPU the traffic is counted in a child process
 under the interpreter, since a process decides once whether its kernels are interpreted.
@@ -38,6 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="e2e model directory (default: the embedded model on CPU, a random model with "
                              "Qwen2.5-0.5B's shapes on a GPU)")
     parser.add_argument("--no-trl", dest="trl", action="store_false", help="skip TRL's side of the e2e suite")
+    parser.add_argument("--memory-only", action="store_true",
+                        help="e2e: only the memory comparison (a step with beta > 0, full fine-tuning vs LoRA)")
     parser.add_argument("--no-plots", dest="plots", action="store_false", help="do not call plot.py")
     parser.add_argument("--traffic-only", action="store_true", help=argparse.SUPPRESS)  # the CUDA run's child
     parser.add_argument("--prefix", default=None, help=argparse.SUPPRESS)
@@ -106,8 +110,12 @@ def main(argv=None) -> int:
     if args.suite in ("e2e", "all") and not args.traffic_only:
         print(f"e2e suite on {device} ({preset})")
         rows = e2e_suite.run_suite(device, args.quick, model=args.model_name_or_path, with_trl=args.trl,
-                                   overrides=args.overrides)
-        written.append(write_csv(out / f"{prefix}-e2e.csv", rows, environment(device, preset)))
+                                   overrides=args.overrides, with_speed=not args.memory_only)
+        name = f"{prefix}-e2e.csv"
+        if args.memory_only:
+            model_name = Path(args.model_name_or_path).name if args.model_name_or_path else "default"
+            name = f"{prefix}-e2e-memory-{model_name}.csv"
+        written.append(write_csv(out / name, rows, environment(device, preset)))
     for path in written:
         print(f"wrote {path}")
     failed = _failures(written)
