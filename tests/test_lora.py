@@ -165,3 +165,16 @@ def test_resuming_with_other_lora_settings_is_refused(tmp_path):
         resumed = GRPOTrainer(cfg_of(*args, "--max_steps", "2", "--resume_from_checkpoint", "latest", *other))
         with pytest.raises(ConfigError, match=f"not this run's LoRA adapter.*{what}"):
             resumed.setup()
+
+
+def test_the_llama_lora_config_wraps_every_decoder_linear_and_not_the_tied_head():
+    """configs/llama-3.2-1b-math-lora.yaml on Llama's architecture (small, random, tied embeddings)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = load_config(["--config", str(ROOT / "configs" / "llama-3.2-1b-math-lora.yaml")])
+    assert cfg.use_peft and cfg.beta > 0
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=300,
+                                         tie_word_embeddings=True))
+    peft_model = lora.wrap(model, cfg, None, reference=False)
+    wrapped = {n.rsplit(".", 1)[-1] for n, m in peft_model.named_modules() if hasattr(m, "lora_A")}
+    assert wrapped == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
