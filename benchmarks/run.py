@@ -113,7 +113,7 @@ def main(argv=None) -> int:
                                    overrides=args.overrides, with_speed=not args.memory_only)
         name = f"{prefix}-e2e.csv"
         if args.memory_only:
-            model_name = Path(args.model_name_or_path).name if args.model_name_or_path else "default"
+            model_name = Path(args.model_name_or_path).name if args.model_name_or_path else e2e_suite.EMBEDDED.name
             name = f"{prefix}-e2e-memory-{model_name}.csv"
         written.append(write_csv(out / name, rows, environment(device, preset)))
     for path in written:
