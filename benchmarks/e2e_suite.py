@@ -83,12 +83,13 @@ def trl_available() -> bool:
 class Worker:
     """A side's process and its line protocol."""
 
-    def __init__(self, side: str, model: str, device: str, steps: int, overrides: list[str], log_dir: Path):
+    def __init__(self, side: str, model: str, device: str, steps: int, overrides: list[str], log_dir: Path,
+                 side_overrides: dict | None = None):
         self.side = side
         self.log_path = log_dir / f"e2e-{side}.log"
         cmd = [sys.executable, "-m", "benchmarks.e2e_worker", "--side", "trl" if side == "trl" else "ours",
                "--model", str(model), "--device", device, "--steps", str(steps), "--", *overrides,
-               *SIDE_OVERRIDES[side]]
+               *(side_overrides or SIDE_OVERRIDES)[side]]
         env = {**os.environ, "OMP_NUM_THREADS": "1"} if not device.startswith("cuda") else None
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self.log_path.open("w"), text=True, env=env)
@@ -118,13 +119,14 @@ class Worker:
 
 
 def run_sides(sides: list[str], model: str, device: str, warmup: int, steps: int, overrides: list[str],
-              log: Callable[[str], None] = print) -> dict:
-    """{side: {"steps": [measured step records], "done": final message}}, the sides stepped in turn."""
+              log: Callable[[str], None] = print, side_overrides: dict | None = None) -> dict:
+    """{side: {"steps": [measured step records], "done": final message}}, the sides stepped in turn.
+    side_overrides: each side's config overrides (default SIDE_OVERRIDES), after ``overrides``."""
     log_dir = Path(tempfile.mkdtemp(prefix="grpo-e2e-"))
     workers = {}
     try:
         for side in sides:  # set up one at a time, so set-up does not overlap anything measured
-            workers[side] = Worker(side, model, device, warmup + steps, overrides, log_dir)
+            workers[side] = Worker(side, model, device, warmup + steps, overrides, log_dir, side_overrides)
             workers[side].read("ready")
         records = {side: [] for side in sides}
         for i in range(warmup + steps):

@@ -52,6 +52,7 @@ class Point:
     time: bool = True
     memory: bool = False
     traffic: bool = False
+    loss_type: str = "dapo"
 
 
 def interpreted() -> bool:
@@ -192,7 +193,7 @@ def run_point(point: Point, providers: list[Provider], device: str, copy_bw=None
     """All rows of one point: per provider a correctness row, then (when it passed) its measurements."""
     dtype = DTYPES[point.dtype]
     case = make_case(point.family, point.B, point.T, point.V, H=point.H, dtype=dtype, device=device,
-                     level=point.level)
+                     level=point.level, loss_type=point.loss_type)
     budget = CHECK_ELEMENTS["cuda" if device.startswith("cuda") else "cpu"]
     check_case = case.head(max(1, min(case.B, budget // (case.T * case.V))))
     gold = golden(check_case)

@@ -42,11 +42,14 @@ class Case:
     logits: torch.Tensor | None = None  # [B, T, V]
     hidden: torch.Tensor | None = None  # [B, T, H]
     weight: torch.Tensor | None = None  # [V, H]
+    loss_type: str = "dapo"
 
     @property
     def shape(self) -> str:
+        """B, T, (H,) V; and the loss type when it is not dapo (the default of every suite)."""
         h = f"-H{self.H}" if self.family == "linear" else ""
-        return f"B{self.B}-T{self.T}{h}-V{self.V}"
+        kind = f" {self.loss_type}" if self.loss_type != "dapo" else ""
+        return f"B{self.B}-T{self.T}{h}-V{self.V}{kind}"
 
     @property
     def unit_bytes(self) -> int:
@@ -54,7 +57,7 @@ class Case:
         return self.B * self.T * self.V * torch.tensor([], dtype=self.dtype).element_size()
 
     def loss_kwargs(self) -> dict:
-        return dict(LOSS_KWARGS, importance_sampling_level=self.level)
+        return dict(LOSS_KWARGS, importance_sampling_level=self.level, loss_type=self.loss_type)
 
     def head(self, rows: int) -> "Case":
         """The same case restricted to its first `rows` sequences (for the correctness check)."""
@@ -77,7 +80,7 @@ def _logps_rows(logits_fn, ids: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def make_case(family: str, B: int, T: int, V: int, *, H: int = 0, dtype: torch.dtype = torch.float32,
-              device: str = "cpu", level: str = "token", seed: int = 0) -> Case:
+              device: str = "cpu", level: str = "token", seed: int = 0, loss_type: str = "dapo") -> Case:
     """Random inputs for one point, identical for every provider (seeded)."""
     if family not in ("logits", "linear") or min(B, T, V) < 1 or (family == "linear" and H < 1):
         raise ValueError(f"bad case: family {family!r} (logits or linear), B={B} T={T} V={V} H={H} (all >= 1; "
@@ -99,7 +102,7 @@ def make_case(family: str, B: int, T: int, V: int, *, H: int = 0, dtype: torch.d
     logp = _logps_rows(logits_fn, ids)
     return Case(family=family, B=B, T=T, V=V, H=H if family == "linear" else 0, dtype=dtype, device=device,
                 level=level, ids=ids, advantages=adv, mask=torch.ones(B, T, dtype=torch.bool, device=device),
-                old_logps=logp + noise_old, ref_logps=logp + noise_ref, **tensors)
+                old_logps=logp + noise_old, ref_logps=logp + noise_ref, loss_type=loss_type, **tensors)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
     python benchmarks/report.py            # print the tables
     python benchmarks/report.py --update   # rewrite the README's section between its result markers
+    python benchmarks/report.py --gpu-check DIR [--update]   # the summary of a gpu_check.sh run
 
 Every table names the device its figures were measured on (the CSV's `device` column) and the
 preset; a device with no CSV is listed as not yet measured.
@@ -21,6 +22,8 @@ from benchmarks.records import read_csv  # noqa: E402
 
 README = ROOT / "benchmarks" / "README.md"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
+GPU_START, GPU_END = "<!-- gpu-check:start -->", "<!-- gpu-check:end -->"
+GPU_HEADER = "### GPU check on "
 PHASES = ("generation", "reward", "logps", "policy", "optimizer", "other")
 
 
@@ -151,6 +154,65 @@ def report(results: Path) -> str:
     return "\n\n".join(parts)
 
 
+def _skipped(rows: list[dict]) -> list[str]:
+    """'provider: status' of the rows that stand for a whole provider that did not run."""
+    return [f"`{r['provider']}`: {r['status']}" for r in rows if r["status"].startswith("skipped") and not r["shape"]]
+
+
+def gpu_check_report(folder: Path) -> str:
+    """The summary of one benchmarks/gpu_check.sh run (its folder of CSVs), headed by the device's name."""
+    folder = Path(folder)
+    read = {name: (read_csv(folder / f"{name}.csv") if (folder / f"{name}.csv").is_file() else [])
+            for name in ("stages", "tests", "kernel", "e2e")}
+    any_rows = next((rows[0] for name, rows in read.items() if rows and name != "stages"), None)
+    device = any_rows["device"] if any_rows else "unknown device"
+    dry = bool(any_rows) and "dry-run" in any_rows["preset"]
+    head = f"{GPU_HEADER}{device}" + (" (dry run: CPU, tiny shapes, Triton interpreted)" if dry else "")
+    parts = [head]
+    if any_rows:
+        parts.append(f"Revision `{any_rows['git_rev']}`, {any_rows['timestamp']}, `{any_rows['versions']}`.")
+    if read["stages"]:
+        parts.append("Stages:\n\n" + _table(["stage", "status", "seconds", "cap s"],
+                                             [[r["stage"], r["status"], r["seconds"], r["cap_s"]] for r in read["stages"]]))
+    tests = {r["metric"]: r for r in read["tests"]}
+    if tests:
+        parts.append(f"**Kernel tests** (`{tests['passed']['shape']}`): {_num(tests['passed']['median'])} passed, "
+                     f"{_num(tests['failed']['median'])} failed, {_num(tests['skipped']['median'])} skipped in "
+                     f"{_num(tests['time']['median'])} s; status `{tests['passed']['status']}`.")
+    kernel = [r for r in read["kernel"] if r["shape"]]
+    if kernel:
+        parts.append("**GRPO loss kernels**\n\n" + kernel_table(kernel))
+        copy = [r for r in kernel if r["benchmark"] == "copy"]
+        fractions = [r for r in kernel if r["metric"] == "bandwidth_fraction" and r["mode"] == "fwd+bwd"]
+        if fractions:
+            parts.append(f"Achieved bandwidth of forward + backward against the 2U floor, as a fraction of the copy "
+                         f"bandwidth ({_num(copy[0]['median']) if copy else '-'} GB/s):\n\n" + _table(
+                             ["point", "provider", "fraction of copy"],
+                             [[f"{r['shape']} {r['dtype']} {r['level']}", r["provider"], _spread(r)]
+                              for r in fractions]))
+    e2e = [r for r in read["e2e"] if r["shape"]]
+    if e2e:
+        parts.append("**End-to-end GRPO steps**\n\n" + e2e_table(e2e))
+    skipped = _skipped(read["kernel"]) + _skipped(read["e2e"])
+    if skipped:
+        parts.append("Not measured: " + "; ".join(skipped) + ".")
+    return "\n\n".join(parts)
+
+
+def update_gpu_check(text: str, readme: Path = README) -> None:
+    """Put one device's gpu_check summary between the README's GPU-check markers: it replaces the
+    earlier summary of the same device and is appended after those of other devices."""
+    content = readme.read_text()
+    if GPU_START not in content or GPU_END not in content:
+        raise ValueError(f"{readme} lacks the markers {GPU_START} and {GPU_END}")
+    head, rest = content.split(GPU_START, 1)
+    body, tail = rest.split(GPU_END, 1)
+    blocks = [b for b in ("\n" + body).split("\n" + GPU_HEADER)[1:]]
+    name = text.splitlines()[0][len(GPU_HEADER):]
+    kept = [GPU_HEADER + b.strip() for b in blocks if b.splitlines()[0] != name]
+    readme.write_text(f"{head}{GPU_START}\n" + "\n\n".join(kept + [text.strip()]) + f"\n{GPU_END}{tail}")
+
+
 def update_readme(results: Path, readme: Path = README) -> None:
     text = readme.read_text()
     if START not in text or END not in text:
@@ -164,8 +226,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--update", action="store_true", help=f"rewrite the tables in {README.name}")
+    parser.add_argument("--gpu-check", default=None, help="the folder of a gpu_check.sh run: its summary")
     args = parser.parse_args(argv)
-    if args.update:
+    if args.gpu_check:
+        text = gpu_check_report(Path(args.gpu_check))
+        if args.update:
+            update_gpu_check(text)
+        print(text)
+    elif args.update:
         update_readme(Path(args.results))
     else:
         print(report(Path(args.results)))
