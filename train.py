@@ -16,7 +16,7 @@ Checkpoints every ``--save_steps N``; continue a killed run with ``--resume_from
 import os
 import sys
 
-from grpo_scale.config import ConfigError, load_config
+from grpo_scale.config import ConfigError, actions, help_text, load_config, parse_cli, print_config
 
 
 def _error(message: str) -> None:
@@ -25,10 +25,22 @@ def _error(message: str) -> None:
 
 
 def main(argv=None) -> int:
-    """Exit codes: 0 done, 2 configuration or input problem (nothing trained), 3 stopped by itself
-    after too many non-finite steps (a checkpoint was saved)."""
+    """Exit codes: 0 done, 2 configuration or input problem (nothing trained, or a reward function that
+    raised on every item for reward_fail_steps rollouts), 3 stopped by itself after too many non-finite
+    steps (a checkpoint was saved). --help, --print_config and --check exit 0
+    (--check: 2 when it finds a problem)."""
+    argv = sys.argv[1:] if argv is None else argv
+    todo = actions(argv)
     try:
+        if "help" in todo:
+            print(help_text(argv))
+            return 0
+        if "print_config" in todo:
+            print(print_config(argv))
+            return 0
         cfg = load_config(argv)
+        if "check" in todo:
+            return check(cfg, argv)
         # Checks that need no model, before the heavy imports: the launcher has set WORLD_SIZE
         cfg.check_world(int(os.environ.get("WORLD_SIZE", "1")))
         cfg.check_paths()
@@ -38,20 +50,42 @@ def main(argv=None) -> int:
     except ConfigError as e:
         _error(str(e))
         return 2
-    from grpo_scale.trainer import TrainingAborted
+    from grpo_scale.trainer import RewardFailed, TrainingAborted
     try:
         summary = trainer.train()
     except TrainingAborted as e:
         _error(str(e))
         trainer.acc.end_training()
         _shutdown()
-        return 3
+        return 2 if isinstance(e, RewardFailed) else 3
     trainer.save(summary)
     if trainer.acc.is_main_process:
-        print(f"done: {summary['steps']} steps in {summary['wall_seconds']:.0f}s; held-out accuracy "
-              f"{summary['eval_accuracy_before']:.3f} -> {summary['eval_accuracy_after']:.3f}; "
-              f"outputs in {cfg.output_dir}")
+        before, after = summary["eval_accuracy_before"], summary["eval_accuracy_after"]
+        accuracy = (f"held-out accuracy {before:.3f} -> {after:.3f}" if before is not None and after is not None
+                    else "no held-out accuracy (no answer column)")
+        print(f"done: {summary['steps']} steps in {summary['wall_seconds']:.0f}s; {accuracy}; outputs in "
+              f"{cfg.output_dir}")
     _shutdown()
+    return 0
+
+
+def check(cfg, argv) -> int:
+    """``--check``: everything that can be checked without loading a model (the config's rules, the
+    batch split over --num_processes N, the model folder, data files and their rows, the reward
+    functions and the columns they need, the output folder), so a launch does not start W ranks to
+    fail. Raises ConfigError for the first problem."""
+    _, overrides = parse_cli(argv)
+    try:
+        world = int(overrides.get("num_processes", os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        raise ConfigError(f"--num_processes expects a number, got {overrides['num_processes']!r}") from None
+    cfg.check_world(world)
+    from grpo_scale.trainer import GRPOTrainer
+    GRPOTrainer(cfg).check_inputs(world)
+    for note in getattr(cfg, "notes", []):
+        print(f"note: {note}")
+    print(f"ok: the config, files, data and reward functions check out for {world} process(es); "
+          f"outputs go to {cfg.output_dir}")
     return 0
 
 

@@ -21,6 +21,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,7 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--suite", choices=("kernel", "e2e", "all"), default="all")
     parser.add_argument("--quick", action="store_true", help="the small preset (CPU smoke run: minutes)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="where the CSVs go")
+    parser.add_argument("--out", default=None, help="where the CSVs go (default: benchmarks/results; with --quick "
+                        "a new temporary folder, so a smoke run never replaces the committed results)")
     parser.add_argument("--model_name_or_path", default=None,
                         help="e2e model directory (default: the embedded model on CPU, a random model with "
                              "Qwen2.5-0.5B's shapes on a GPU)")
@@ -77,6 +79,18 @@ def traffic_in_child(args, prefix: str) -> None:
     subprocess.run(cmd, check=True, env=env)
 
 
+def results_dir(args: argparse.Namespace) -> str:
+    """--out; else benchmarks/results, or a new temporary folder for --quick (a smoke run never replaces
+    the committed results)."""
+    if args.out is not None:
+        return args.out
+    if args.quick:
+        out = tempfile.mkdtemp(prefix="grpo-bench-quick-")
+        print(f"--quick without --out: results go to {out}")
+        return out
+    return str(ROOT / "benchmarks" / "results")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = resolve_device(args.device)
@@ -91,6 +105,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(1)  # 2 shared cores: one thread, the same for every measurement
     preset = "quick" if args.quick else "full"
     prefix = args.prefix or device_prefix(device)
+    args.out = results_dir(args)
     out = Path(args.out)
     written = []
     started = time.perf_counter()

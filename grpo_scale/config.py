@@ -38,16 +38,19 @@ def _f(default, help: str, **kw):
 
 
 @dataclass
-class GRPOConfig:
+class _Fields:
     # ------------------------------------------------------------------ model
     model_name_or_path: str = _f("embedded:tiny-math", "Model to train: a Hub name or local directory loadable by "
                                  "AutoModelForCausalLM, or 'embedded:tiny-math' (the CPU demo model in grpo_scale/assets).")
     trust_remote_code: bool = _f(False, "Allow model code from the model repository to run. Off unless you trust it.")
     attn_implementation: str = _f("auto", "auto | eager | sdpa | flash_attention_2. auto: flash_attention_2 when "
                                   "flash-attn is installed and on CUDA, else sdpa.")
-    gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
-    bf16: bool = _f(False, "Train in bfloat16 mixed precision (GPUs). The accelerate YAML holds no precision.")
+    gradient_checkpointing: bool = _f(True, "Recompute activations in the backward pass to save memory (TRL's "
+                                      "default; the embedded demo turns it off).")
+    bf16: Optional[bool] = _f(None, "Train in bfloat16 mixed precision. null (TRL's default): true on a GPU unless "
+                              "fp16 is set, false on a CPU. The accelerate YAML holds no precision.")
     fp16: bool = _f(False, "Train in float16 mixed precision with loss scaling.")
+    use_cpu: bool = _f(False, "Train on the CPU even when a GPU is visible.")
 
     # ------------------------------------------------------------------ LoRA (peft)
     use_peft: bool = _f(False, "Train LoRA adapters (peft) instead of all weights. With beta > 0 the reference is "
@@ -70,10 +73,13 @@ class GRPOConfig:
                         "{arithmetic: 0.7, polynomial: 0.3} (CLI: arithmetic=0.7,polynomial=0.3).")
     task_level: list = _f([1], "Difficulty level(s) 1-4 of the synthetic tasks, sampled uniformly (CLI: 1,2).")
     dataset_path: Optional[str] = _f(None, "User data instead of synthetic tasks: .jsonl, .json, .parquet or a "
-                                     "datasets directory with a 'prompt' column; other columns go to the rewards.")
+                                     "datasets directory with a 'prompt' column, in TRL's formats: a string (used as "
+                                     "it is) or a list of {role, content} messages (chat template applied); other "
+                                     "columns go to the rewards.")
     eval_dataset_path: Optional[str] = _f(None, "Held-out user data for evaluation (same format as dataset_path).")
-    system_prompt: Optional[str] = _f(DEFAULT_SYSTEM_PROMPT, "System message put before every question "
-                                      "(null: none).")
+    system_prompt: Optional[str] = _f(DEFAULT_SYSTEM_PROMPT, "System message put first in conversational prompts "
+                                      "(the synthetic tasks', and data whose prompts are lists of messages) that have "
+                                      "none of their own; string prompts are used as they are (null: none).")
     eval_size: int = _f(256, "Held-out problems evaluated before and after training (greedy decoding).")
     eval_seed: int = _f(0, "Seed of the held-out synthetic set; fixed across training seeds.")
     eval_batch_size: int = _f(64, "Prompts per generate call during evaluation, per process.")
@@ -82,7 +88,7 @@ class GRPOConfig:
 
     # ------------------------------------------------------------------ generation
     num_generations: int = _f(8, "Completions sampled per prompt (the group size G).")
-    max_completion_length: int = _f(256, "Maximum tokens generated per completion.")
+    max_completion_length: int = _f(512, "Maximum tokens generated per completion.")
     temperature: float = _f(1.0, "Sampling temperature; the loss scores tokens at the same temperature.")
     top_p: float = _f(1.0, "Nucleus sampling threshold.")
     top_k: int = _f(0, "Top-k sampling (0: off).")
@@ -97,8 +103,14 @@ class GRPOConfig:
 
     # ------------------------------------------------------------------ rewards and advantages
     reward_funcs: list = _f(["correctness", "format"], "Reward functions: built-ins (correctness, format) or "
-                            "'module:function' from your code, with the signature fn(prompts, completions, **columns).")
+                            "'module:function' from your code, with TRL's signature fn(prompts, completions, "
+                            "**kwargs): prompts as the data has them, completions as strings (string prompts) or "
+                            "[{'role': 'assistant', 'content': ...}] (conversational prompts), the data's other "
+                            "columns, completion_ids, trainer_state, log_metric and log_extra as keywords.")
     reward_weights: Optional[list] = _f(None, "One weight per reward function (default: all 1.0).")
+    reward_fail_steps: int = _f(3, "A reward function that raises on every item, on every rank, for this many "
+                                "rollouts in a row stops the run (exit status 2) with its error: a reward that "
+                                "never scores anything teaches nothing. Items that raise otherwise count as missing.")
     scale_rewards: str = _f("group", "Advantage scaling: group (divide by the group's std), batch (by the whole "
                             "batch's std) or none.")
 
@@ -107,8 +119,10 @@ class GRPOConfig:
                         "batch * max_completion_length) | dapo (tokens of the whole generation batch).")
     importance_sampling_level: str = _f("token", "token (GRPO) or sequence (GSPO) importance ratios.")
     beta: float = _f(0.0, "KL penalty coefficient (k3 estimator). 0 loads no reference model.")
-    epsilon_low: float = _f(0.2, "Lower clipping range: ratios below 1 - epsilon_low are clipped.")
-    epsilon_high: float = _f(0.2, "Upper clipping range: ratios above 1 + epsilon_high are clipped.")
+    epsilon: float = _f(0.2, "Lower clipping range: ratios below 1 - epsilon are clipped (also read as "
+                        "epsilon_low).")
+    epsilon_high: Optional[float] = _f(None, "Upper clipping range: ratios above 1 + epsilon_high are clipped "
+                                       "(null: epsilon).")
     delta: Optional[float] = _f(None, "Two-sided clipping: cap the unclipped ratio at delta (> 1 + epsilon_high).")
     num_iterations: int = _f(1, "Optimisation steps per rollout (mu); > 1 reuses it with old log-probs. max_steps "
                              "must be a multiple of it; logging, evaluation and checkpoints due inside a rollout "
@@ -119,11 +133,15 @@ class GRPOConfig:
     learning_rate: float = _f(1e-6, "Peak learning rate of AdamW.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     adam_beta1: float = _f(0.9, "AdamW beta1.")
-    adam_beta2: float = _f(0.99, "AdamW beta2.")
+    adam_beta2: float = _f(0.999, "AdamW beta2.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0: off).")
-    lr_scheduler_type: str = _f("constant", "constant | linear | cosine (after warm-up).")
-    warmup_ratio: float = _f(0.0, "Fraction of max_steps spent warming the learning rate up from 0.")
-    max_steps: int = _f(100, "Optimiser steps to train.")
+    lr_scheduler_type: str = _f("linear", "constant | linear | cosine (after warm-up).")
+    warmup_steps: float = _f(0.0, "Steps warming the learning rate up from 0; below 1, a fraction of max_steps "
+                             "(transformers' rule; warmup_ratio is read as this).")
+    max_steps: int = _f(-1, "Optimiser steps to train; -1: num_train_epochs passes over the training data (the "
+                        "synthetic tasks and IterableDatasets are endless: set max_steps).")
+    num_train_epochs: float = _f(3.0, "Passes over the training data when max_steps is -1 (each prompt is sampled "
+                                 "num_generations times per pass).")
     per_device_train_batch_size: int = _f(8, "Completions per process per micro-step.")
     gradient_accumulation_steps: int = _f(1, "Micro-steps per optimiser step. One rollout feeds one step.")
     seed: int = _f(42, "Seed of sampling, data order and initialisation.")
@@ -133,16 +151,35 @@ class GRPOConfig:
                             "update); after this many in a row the run saves a checkpoint and stops.")
 
     # ------------------------------------------------------------------ outputs
-    output_dir: str = _f("outputs/tiny-math", "Where logs, checkpoints, summary.json and final/ go.")
-    logging_steps: int = _f(1, "Log metrics every this many steps.")
+    output_dir: str = _f("trainer_output", "Where logs, checkpoints, summary.json and final/ go. A folder "
+                         "that holds a finished run (summary.json or final/) is refused unless overwrite_output_dir "
+                         "is true or the run resumes from it.")
+    overwrite_output_dir: bool = _f(False, "Replace the finished run in output_dir (its final/, summary.json and "
+                                    "checkpoints are overwritten, TensorBoard's curves restart).")
+    logging_steps: int = _f(10, "Log metrics every this many steps.")
+    eval_strategy: Optional[str] = _f(None, "no | steps: evaluate every eval_steps during training (null: steps "
+                                      "when eval_steps > 0). Held-out accuracy before and after training is always "
+                                      "measured when there is held-out data.")
     eval_steps: int = _f(0, "Evaluate every this many steps (0: only before and after training).")
-    save_steps: int = _f(0, "Save a checkpoint every this many steps (0: none).")
+    save_strategy: str = _f("steps", "steps | no: save a checkpoint every save_steps (no: never).")
+    save_steps: int = _f(500, "Save a checkpoint every this many steps (0: none).")
     save_total_limit: Optional[int] = _f(None, "Keep only the newest this many checkpoints.")
     resume_from_checkpoint: Optional[str] = _f(None, "'latest' or a checkpoint directory to continue from.")
-    report_to: str = _f("tensorboard", "tensorboard | none.")
-    log_completions: int = _f(2, "Sample completions printed to the log at each logging step.")
+    report_to: list = _f(["none"], "tensorboard | none (a list, as in TRL: [tensorboard]).")
+    disable_tqdm: bool = _f(False, "No progress bar.")
+    log_completions: bool = _f(False, "Print sample completions to the log at each logging step.")
+    num_completions_to_print: Optional[int] = _f(None, "How many completions log_completions prints (null: all of "
+                                                 "the process's batch).")
 
     def __post_init__(self):
+        # reward functions given as objects (TRL lets GRPOConfig hold callables): kept apart, named here
+        if isinstance(self.reward_funcs, (list, tuple)) and any(not isinstance(r, str) for r in self.reward_funcs):
+            self.reward_objects = list(self.reward_funcs)
+            self.reward_funcs = [r if isinstance(r, str) else getattr(r, "__name__", type(r).__name__)
+                                 for r in self.reward_funcs]
+        elif callable(self.reward_funcs):
+            self.reward_objects = [self.reward_funcs]
+            self.reward_funcs = [getattr(self.reward_funcs, "__name__", type(self.reward_funcs).__name__)]
         _check_types(self)
         self.task_level = [int(x) for x in self.task_level]
         errors = []
@@ -152,15 +189,34 @@ class GRPOConfig:
                 errors.append(msg)
 
         need(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
-        need(0 < self.epsilon_low < 1, f"epsilon_low must be in (0, 1), got {self.epsilon_low}")
+        if self.epsilon_high is None:
+            self.epsilon_high = self.epsilon
+        if self.bf16 is None:  # TRL's default: bf16 unless fp16, where bf16 computes fast (a GPU)
+            self.bf16 = not self.fp16 and not self.use_cpu and _cuda_available()
+        if self.eval_strategy is None:
+            self.eval_strategy = "steps" if self.eval_steps > 0 else "no"
+        self.report_to = [r for r in self.report_to if r != "none"]
+        need(0 < self.epsilon < 1, f"epsilon must be in (0, 1), got {self.epsilon}")
         need(self.epsilon_high > 0, f"epsilon_high must be > 0, got {self.epsilon_high}")
         need(self.delta is None or self.delta > 1 + self.epsilon_high,
              f"delta must be > 1 + epsilon_high = {1 + self.epsilon_high}, got {self.delta} (or set delta: null)")
         need(self.beta >= 0, f"beta must be >= 0, got {self.beta}")
         need(self.num_generations >= 2, f"num_generations must be >= 2 (a group needs two completions to compare), "
              f"got {self.num_generations}")
-        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_steps", "num_iterations",
-                     "max_completion_length", "eval_batch_size", "logging_steps", "max_bad_steps"):
+        need(self.max_steps >= 1 or self.max_steps == -1, f"max_steps must be >= 1, or -1 for num_train_epochs, got "
+             f"{self.max_steps}")
+        need(self.num_train_epochs > 0, f"num_train_epochs must be > 0, got {self.num_train_epochs}")
+        need(self.eval_strategy in ("no", "steps"), f"eval_strategy must be no or steps (epoch is not supported "
+             f"yet), got {self.eval_strategy!r}")
+        need(self.eval_strategy == "no" or self.eval_steps > 0, "eval_strategy is steps but eval_steps is 0: set "
+             "eval_steps")
+        need(self.save_strategy in ("no", "steps"), f"save_strategy must be no or steps (epoch and best are not "
+             f"supported yet), got {self.save_strategy!r}")
+        need(set(self.report_to) <= {"tensorboard"}, f"report_to must be tensorboard or none, got {self.report_to} "
+             "(others are not supported yet)")
+        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "num_iterations",
+                     "max_completion_length", "eval_batch_size", "logging_steps", "max_bad_steps",
+                     "reward_fail_steps"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_steps >= 1 and self.num_iterations >= 1 and self.max_steps % self.num_iterations:
             up = -(-self.max_steps // self.num_iterations) * self.num_iterations
@@ -172,7 +228,7 @@ class GRPOConfig:
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         need(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
         need(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
-        need(0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        need(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
         need(self.max_grad_norm >= 0, f"max_grad_norm must be >= 0, got {self.max_grad_norm}")
         need(self.loss_type in LOSS_TYPES, f"loss_type must be one of {list(LOSS_TYPES)}, got {self.loss_type!r}")
         need(self.importance_sampling_level in ("token", "sequence"),
@@ -184,7 +240,6 @@ class GRPOConfig:
              f"lr_scheduler_type must be constant, linear or cosine, got {self.lr_scheduler_type!r}")
         need(self.attn_implementation in ("auto", "eager", "sdpa", "flash_attention_2"),
              f"attn_implementation must be auto, eager, sdpa or flash_attention_2, got {self.attn_implementation!r}")
-        need(self.report_to in ("tensorboard", "none"), f"report_to must be tensorboard or none, got {self.report_to!r}")
         need(not (self.bf16 and self.fp16), "bf16 and fp16 are both true: pick one")
         need(self.lora_r >= 1, f"lora_r must be >= 1, got {self.lora_r}")
         need(self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha}")
@@ -217,10 +272,12 @@ class GRPOConfig:
                 f"({num_processes}) x gradient_accumulation_steps ({self.gradient_accumulation_steps}) = "
                 f"{global_batch} is not divisible by num_generations ({self.num_generations}): change one of them")
 
-    def check_paths(self) -> None:
+    def check_paths(self, model: bool = True) -> None:
         """Checks of the files this run reads, made before any model is loaded: the model folder (with
-        safetensors weights), the data files, and the checkpoint to resume from. Raises ConfigError."""
-        self._check_model_path()
+        safetensors weights; not when ``model`` is False: a loaded model was given), the data files, and
+        the checkpoint to resume from. Raises ConfigError."""
+        if model:
+            self._check_model_path()
         for name in ("dataset_path", "eval_dataset_path"):
             value = getattr(self, name)
             if value and not Path(value).exists():
@@ -228,6 +285,12 @@ class GRPOConfig:
                                   "datasets folder")
         from grpo_scale.checkpoint import resolve_resume  # checkpoint imports this module
         resolve_resume(self.output_dir, self.resume_from_checkpoint)
+        out = Path(self.output_dir)
+        finished = [name for name in ("summary.json", "final") if (out / name).exists()]
+        if finished and not self.overwrite_output_dir and not self.resume_from_checkpoint:
+            raise ConfigError(f"output_dir: {out} already holds a finished run ({', '.join(finished)}); pass "
+                              "--overwrite_output_dir true to replace it, another --output_dir, or "
+                              "--resume_from_checkpoint latest to continue it")
 
     def _check_model_path(self) -> None:
         path = self.resolved_model_path
@@ -304,6 +367,48 @@ def _check_weights(local: Path, stem: str, what: str = "model_name_or_path") -> 
             "can run arbitrary code, so grpo-scale reads safetensors only. If you trust the files, convert them "
             "once: from_pretrained(DIR, use_safetensors=False).save_pretrained(DIR) writes safetensors")
     raise ConfigError(f"{what}: {local} has no weights ({stem}.safetensors)")
+
+
+class GRPOConfig(_Fields):
+    """The training configuration, with TRL's field names and defaults (see ``_Fields`` for each field).
+
+    Besides its own fields it takes what a TRL script passes: TRL's spelling of a field grpo-scale names
+    differently (``trl_compat.ALIASES``), and TRL / transformers fields it lacks when they hold their
+    default (ignored); any other value of those is refused as not supported yet."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**_own_fields(kwargs, "GRPOConfig"))
+
+
+def _own_fields(values: dict, where: str) -> dict:
+    """``values`` with TRL's aliases renamed and ignorable TRL / transformers fields dropped; ConfigError
+    for a field that is not supported yet or unknown (with the closest name)."""
+    from grpo_scale.trl_compat import ALIASES, foreign
+    known = {f.name for f in dataclasses.fields(_Fields)}
+    out = {}
+    for key, value in values.items():
+        if key in ALIASES:
+            if ALIASES[key] in values:
+                raise ConfigError(f"{where}: both {key} and {ALIASES[key]} are set; they are the same field here: "
+                                  f"keep {ALIASES[key]}")
+            key = ALIASES[key]
+        if key in known:
+            out[key] = value
+            continue
+        why = foreign(key, value, where)
+        if why == "unknown":
+            raise _unknown(key, where)
+        if why is not None:
+            raise ConfigError(why)
+    return out
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
 
 
 # ---------------------------------------------------------------------------- parsing
@@ -404,17 +509,24 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
+ACTIONS = ("help", "print_config", "check")  # command-line actions, not config fields
+CLI_ONLY = ("num_processes",)                # --check's process count, not a config field
+
+
 def parse_cli(argv: list[str]) -> tuple[Optional[str], dict[str, str]]:
-    """Split ``[--config FILE] [--field value | --field=value | --flag]`` into (config path, overrides)."""
+    """Split ``[--config FILE] [--field value | --field=value | --flag]`` into (config path, overrides).
+    ``-h`` is ``--help``; the actions (--help, --print_config, --check) come back as overrides too."""
     config_path, overrides, i = None, {}, 0
     while i < len(argv):
         arg = argv[i]
+        if arg == "-h":
+            arg = "--help"
         if not arg.startswith("--"):
-            raise ConfigError(f"unexpected argument {arg!r}: options look like --field value")
+            raise ConfigError(f"unexpected argument {arg!r}: options look like --field value (see --help)")
         key, eq, value = arg[2:].partition("=")
         key = key.replace("-", "_")
         if not eq:
-            if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            if key not in ACTIONS and i + 1 < len(argv) and not argv[i + 1].startswith("--") and argv[i + 1] != "-h":
                 value, i = argv[i + 1], i + 1
             else:
                 value = "true"  # a bare --flag
@@ -426,29 +538,124 @@ def parse_cli(argv: list[str]) -> tuple[Optional[str], dict[str, str]]:
     return config_path, overrides
 
 
+def merged_values(argv: list[str]) -> tuple[dict, dict, Path, list[str]]:
+    """(values, where each came from, the config file, notes) of ``train.py ARGV``: the field defaults,
+    then the config file (configs/tiny-math.yaml without --config), then the command line. Overriding
+    reward_funcs on the command line drops the file's reward_weights (they weighed other functions)."""
+    config_path, overrides = parse_cli(argv)
+    overrides = {k: v for k, v in overrides.items() if k not in ACTIONS + CLI_ONLY}
+    path = Path(config_path) if config_path else DEFAULT_CONFIG
+    hints = _hints()
+    values = _own_fields(load_yaml(path), str(path))
+    overrides = _own_fields(overrides, "command line")
+    notes = []
+    if "reward_funcs" in overrides and "reward_weights" not in overrides and values.get("reward_weights") is not None:
+        notes.append(f"reward_weights {values['reward_weights']} of {path.name} weighed its reward_funcs "
+                     f"{values.get('reward_funcs')}; with --reward_funcs on the command line every function weighs "
+                     "1.0 unless you pass --reward_weights")
+        values = {k: v for k, v in values.items() if k != "reward_weights"}
+    where = {f.name: "default" for f in dataclasses.fields(GRPOConfig)}
+    where.update({k: str(path) for k in values})
+    where.update({k: "command line" for k in overrides})
+    merged = {**values, **overrides}
+    converted = {k: _convert(k, v, hints[k]) for k, v in merged.items()}
+    return converted, where, path, notes
+
+
 def load_config(argv: Optional[list[str]] = None) -> GRPOConfig:
     """The config of ``train.py [--config FILE] [--field value ...]`` (no --config: configs/tiny-math.yaml)."""
     argv = sys.argv[1:] if argv is None else argv
-    config_path, overrides = parse_cli(argv)
-    path = config_path or DEFAULT_CONFIG
-    values = load_yaml(path)
+    values, _, _, notes = merged_values(argv)
+    cfg = GRPOConfig(**values)
+    cfg.notes = notes  # said by train.py once the logger is set up
+    return cfg
+
+
+def actions(argv: list[str]) -> set[str]:
+    """The command-line actions in ``argv`` (help, print_config, check)."""
+    try:
+        _, overrides = parse_cli(argv)
+    except ConfigError:
+        return {"help"} if any(a in ("-h", "--help") for a in argv) else set()
+    return {k for k in ACTIONS if k in overrides and str(overrides[k]).lower() in ("true", "1", "yes")}
+
+
+def _type_name(tp) -> str:
+    base, optional = _base_type(tp)
+    name = {list: "list", dict: "mapping"}.get(base, getattr(base, "__name__", str(base)))
+    return name + (" or null" if optional else "")
+
+
+def help_text(argv: list[str]) -> str:
+    """``train.py --help``: usage, then every field with its type, the value this command line would use
+    (and where it comes from) and its help."""
+    config_path, _ = parse_cli([a for a in argv if a not in ("-h", "--help")])
+    try:
+        values, where, path, _ = merged_values([a for a in argv if a not in ("-h", "--help")])
+    except ConfigError:
+        values, where, path = {}, {}, Path(config_path) if config_path else DEFAULT_CONFIG
+    cfg_defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+                    for f in dataclasses.fields(GRPOConfig)}
+    lines = [
+        "usage: python train.py [--config FILE] [--FIELD VALUE ...] [--print_config] [--check] [-h]",
+        "       accelerate launch --config_file accelerate_configs/zero2.yaml train.py [same options]",
+        "",
+        f"Trains with GRPO. Without --config the file is {_shown(DEFAULT_CONFIG)} (the embedded CPU demo); the",
+        "values below are what this command line would use: the field's default, then the config file, then",
+        "--FIELD VALUE (also --FIELD=VALUE; a bare --FLAG means true; lists as a,b; mappings as k=v,k2=v2).",
+        "",
+        "actions:",
+        "  -h, --help        this text",
+        "  --print_config    print the merged config and where each value comes from, then exit",
+        "  --check           check the config, files, data and reward functions without loading a model (run it",
+        "                    before `accelerate launch`; add --num_processes N to check the batch split), then exit",
+        "",
+        f"fields (config file: {_shown(path)}):",
+    ]
     hints = _hints()
-    for key in values:
-        if key not in hints:
-            raise _unknown(key, str(path))
-    for key in overrides:
-        if key not in hints:
-            raise _unknown(key, "command line")
-    merged = {**values, **overrides}
-    converted = {k: _convert(k, v, hints[k]) for k, v in merged.items()}
-    return GRPOConfig(**converted)
+    for f in dataclasses.fields(GRPOConfig):
+        value = values.get(f.name, cfg_defaults[f.name])
+        source = where.get(f.name, "default")
+        source = "" if source == "default" else f" (from {_shown(Path(source)) if source != 'command line' else source})"
+        lines.append(f"  --{f.name} {_type_name(hints[f.name]).upper().replace(' ', '_')}")
+        lines.append(f"      {value!r}{source}. {f.metadata['help']}")
+    return "\n".join(lines)
+
+
+def _shown(path: Path) -> str:
+    """A path as the user would type it: relative to the working directory when inside it."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def print_config(argv: list[str]) -> str:
+    """``train.py --print_config``: the merged config as YAML, each value with its source."""
+    values, where, path, notes = merged_values(argv)
+    cfg = GRPOConfig(**values)
+    lines = [f"# config of this command line (file: {_shown(path)}); each value's source after '#'"]
+    for f in dataclasses.fields(GRPOConfig):
+        value = getattr(cfg, f.name)
+        source = where[f.name] if where[f.name] in ("default", "command line") else _shown(Path(where[f.name]))
+        lines.append(f"{f.name}: {yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix(chr(10) + '...')}"
+                     f"  # {source}")
+    lines += [f"# note: {n}" for n in notes]
+    return "\n".join(lines)
 
 
 def markdown_table() -> str:
-    rows = ["| field | default | meaning |", "|---|---|---|"]
+    """The README's table: every field, its default, the value ``python train.py`` uses when the default
+    config file sets another, and its help."""
+    demo = load_yaml(DEFAULT_CONFIG)
+    hints = _hints()
+    rows = [f"| field | default | `python train.py` ({DEFAULT_CONFIG.parent.name}/{DEFAULT_CONFIG.name}) | meaning |",
+            "|---|---|---|---|"]
     for f in dataclasses.fields(GRPOConfig):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        rows.append(f"| `{f.name}` | `{default!r}` | {f.metadata['help']} |")
+        used = _convert(f.name, demo[f.name], hints[f.name]) if f.name in demo else default
+        shown = f"`{used!r}`" if used != default else "same"
+        rows.append(f"| `{f.name}` | `{default!r}` | {shown} | {f.metadata['help']} |")
     return "\n".join(rows)
 
 
@@ -456,5 +663,4 @@ if __name__ == "__main__":
     if "--markdown" in sys.argv:
         print(markdown_table())
     else:
-        for f in dataclasses.fields(GRPOConfig):
-            print(f"--{f.name}: {f.metadata['help']}")
+        print(help_text(sys.argv[1:]))

@@ -29,15 +29,16 @@ def lora_config(cfg: GRPOConfig):
                       task_type=cfg.lora_task_type, bias="none")
 
 
-def wrap(model, cfg: GRPOConfig, adapter_dir: str | None, reference: bool):
+def wrap(model, cfg: GRPOConfig, adapter_dir: str | None, reference: bool, config=None):
     """The peft model to train: new adapters on ``model``, or the adapter in ``adapter_dir`` continued
     (trainable). With ``reference`` (beta > 0) a continued adapter is loaded a second time, frozen, as
     REF_ADAPTER: the reference is the adapter the run started from. Refuses combinations whose gradient
-    would be silently wrong (see ``check_heads``)."""
+    would be silently wrong (see ``check_heads``). ``config``: a peft LoraConfig to use instead of the
+    lora_* fields (the Python API's peft_config)."""
     from peft import PeftModel, get_peft_model
     try:
         if adapter_dir is None:
-            peft_model = get_peft_model(model, lora_config(cfg))
+            peft_model = get_peft_model(model, config if config is not None else lora_config(cfg))
         else:
             peft_model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
             if reference:

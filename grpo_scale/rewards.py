@@ -1,12 +1,19 @@
 """Reward functions, the registry that names them, and how their scores combine.
 
-**Contract** (the signature TRL uses, so reward functions move between the two):
+**Contract** (TRL's, so reward functions move between the two):
 
-    fn(prompts: list[str], completions: list[str], **columns) -> list[float | None]
+    fn(prompts, completions, completion_ids, trainer_state, log_metric, log_extra, **columns)
+        -> list[float | None]
 
-``columns`` are the data set's other fields, one list per field (``answer=[...]``, ...). Functions are
-called with keyword arguments, as TRL does, so ``def my_reward(completions, **kwargs)`` works too.
-``None`` (or NaN) for an item means "no opinion": the item is missing for that function.
+``prompts`` are as the data set has them: strings (standard format) or lists of ``{"role", "content"}``
+messages (conversational format). ``completions`` match: strings for standard data, and
+``[{"role": "assistant", "content": text}]`` for conversational data. ``completion_ids`` are the sampled
+token ids (lists of ints, padding removed); ``trainer_state`` has ``global_step`` and ``max_steps``;
+``log_metric(name, value)`` logs a scalar with the step's metrics (mean over the batch's calls and the
+ranks) and ``log_extra(name, values)`` a column next to the logged sample completions. ``columns`` are the
+data set's other fields, one list per field (``answer=[...]``). Arguments are passed by keyword, as TRL
+does; a function without ``**kwargs`` receives only the arguments it names. ``async def`` functions are
+awaited. ``None`` (or NaN) for an item means "no opinion": the item is missing for that function.
 
 Built-ins (1.0 or 0.0, no partial credit, so that the reward says one thing):
 
@@ -64,6 +71,17 @@ def extract_answer(completion: str) -> str | None:
     return found.strip() if found is not None else None
 
 
+def completion_text(completion) -> str | None:
+    """The text of a completion in either format: a string as is; for conversational data (a list of
+    messages) the content of the last message. None for anything else."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, (list, tuple)) and completion and isinstance(completion[-1], dict):
+        content = completion[-1].get("content")
+        return content if isinstance(content, str) else None
+    return None
+
+
 def _well_formatted(completion: str) -> bool:
     if not isinstance(completion, str):
         return False
@@ -81,7 +99,7 @@ def _well_formatted(completion: str) -> bool:
 
 def format_reward(prompts: list[str], completions: list[str], **kwargs) -> list[float]:
     """1.0 for ``<think>...</think> <answer>...</answer>`` (whitespace around allowed), else 0.0."""
-    return [1.0 if _well_formatted(c) else 0.0 for c in completions]
+    return [1.0 if _well_formatted(completion_text(c)) else 0.0 for c in completions]
 
 
 def _expected_polynomial(value) -> dict | None:
@@ -115,12 +133,42 @@ def correctness_reward(prompts: list[str], completions: list[str], answer: list,
         if poly is None:
             out.append(None)
             continue
-        given = extract_answer(completion)
+        given = extract_answer(completion_text(completion))
         out.append(1.0 if given is not None and safe_math.parse_polynomial(given) == poly else 0.0)
     return out
 
 
 BUILTIN_REWARDS: dict[str, RewardFunc] = {"format": format_reward, "correctness": correctness_reward}
+
+
+# ----------------------------------------------------------------------------- calling
+def call_reward(fn, **kwargs) -> list:
+    """``fn(**kwargs)`` under the contract: a function without ``**kwargs`` gets only the arguments it
+    names (TRL requires ``**kwargs``; a plain ``def f(completions, answer)`` works here too); an
+    ``async def`` function is run to completion."""
+    accepted = _accepted(fn)
+    if accepted is not None:
+        kwargs = {k: v for k, v in kwargs.items() if k in accepted}
+    out = fn(**kwargs)
+    if inspect.isawaitable(out):
+        import asyncio
+        out = asyncio.run(_awaited(out))
+    return out
+
+
+async def _awaited(awaitable):
+    return await awaitable
+
+
+def _accepted(fn) -> set | None:
+    """The keyword names ``fn`` accepts, or None when it takes ``**kwargs`` (or has no signature)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
 
 
 # ----------------------------------------------------------------------------- registry
@@ -173,16 +221,19 @@ def get_reward_funcs(names: Sequence[str]) -> list[RewardFunc]:
     return funcs
 
 
+PASSED = ("prompts", "completions", "completion_ids", "trainer_state", "log_metric", "log_extra")
+
+
 def required_columns(func: RewardFunc) -> list[str]:
-    """Data columns ``func`` cannot run without: its parameters without a default, besides
-    ``prompts`` and ``completions`` (``correctness_reward`` -> ['answer'])."""
+    """Data columns ``func`` cannot run without: its parameters without a default, besides the
+    arguments every call passes (``correctness_reward`` -> ['answer'])."""
     try:
         params = inspect.signature(func).parameters.values()
     except (TypeError, ValueError):  # some builtins and C callables have no signature
         return []
     kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     return [p.name for p in params
-            if p.kind in kinds and p.default is inspect.Parameter.empty and p.name not in ("prompts", "completions")]
+            if p.kind in kinds and p.default is inspect.Parameter.empty and p.name not in PASSED]
 
 
 def check_reward_columns(funcs: Sequence[RewardFunc], names: Sequence[str], columns: Iterable[str]) -> None:
@@ -230,13 +281,14 @@ def _as_floats(out, n: int, name: str) -> list[float]:
     return values
 
 
-def compute_rewards(funcs: Sequence[RewardFunc], weights: Sequence[float] | None, prompts: list[str],
-                    completions: list[str], columns: dict[str, list], *,
-                    names: Sequence[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def compute_rewards(funcs: Sequence[RewardFunc], weights: Sequence[float] | None, prompts: list,
+                    completions: list, columns: dict[str, list], *, names: Sequence[str] | None = None,
+                    extras: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Score N completions with F reward functions and combine them.
 
-    Each function is called as ``fn(prompts=..., completions=..., **columns)`` (columns named ``prompt``
-    or ``completion`` are not passed; the prompt arrives as ``prompts``). A function that raises is
+    Each function is called as ``fn(prompts=..., completions=..., **extras, **columns)`` through
+    ``call_reward`` (columns named ``prompt`` or ``completion`` are not passed; the prompt arrives as
+    ``prompts``); ``extras`` are the contract's other arguments (completion_ids, trainer_state, ...). A function that raises is
     logged and counts as missing for every item of this call; None and NaN items are missing; a
     wrong-length or non-numeric result raises ValueError naming the function.
 
@@ -254,7 +306,7 @@ def compute_rewards(funcs: Sequence[RewardFunc], weights: Sequence[float] | None
         raise ValueError(f"reward_weights must be {f} finite numbers (one per reward function), got {weights}")
     names = [_func_name(fn) for fn in funcs] if names is None else list(names)
     for key, values in columns.items():
-        if key in ("prompts", "completions"):
+        if key in PASSED:
             raise ValueError(f"data column {key!r} clashes with the reward argument of that name; rename the column")
         if len(values) != n:
             raise ValueError(f"data column {key!r} has {len(values)} values for {n} completions")
@@ -263,7 +315,7 @@ def compute_rewards(funcs: Sequence[RewardFunc], weights: Sequence[float] | None
     per_func = torch.full((n, f), math.nan, dtype=torch.float32)
     for j, fn in enumerate(funcs):
         try:
-            out = fn(prompts=prompts, completions=completions, **kwargs)
+            out = call_reward(fn, prompts=prompts, completions=completions, **(extras or {}), **kwargs)
         except Exception as e:  # the contract: a failing reward never stops training
             logger.warning("reward function %s raised %s: %s; its rewards count as missing for these %d "
                            "completions", names[j], type(e).__name__, e, n)

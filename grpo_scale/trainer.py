@@ -8,7 +8,6 @@ times. Batch sizes and loss normalisers have TRL's meaning.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import math
@@ -27,12 +26,79 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from grpo_scale import checkpoint as ckpt
 from grpo_scale import lora
 from grpo_scale.config import ConfigError, GRPOConfig, adapter_base, is_adapter_dir
-from grpo_scale.rewards import check_reward_columns, compute_rewards, correctness_reward, get_reward_funcs
+from grpo_scale.rewards import (call_reward, check_reward_columns, compute_rewards, correctness_reward,
+                                get_reward_funcs)
 from grpo_scale.rollout import (CacheNotRepeatable, Rollout, cache_argument, can_share_prompt, full_inputs,
                                 generate, group_advantages, shared_prompt_inputs)
-from grpo_scale.tasks import ProblemStream, make_eval_set, render_prompt
+from grpo_scale.tasks import ProblemStream, make_eval_set
+from grpo_scale.tasks.prompts import is_conversational, render_messages
 
 logger = logging.getLogger("grpo_scale")
+
+
+def _is_iterable_dataset(data) -> bool:
+    return type(data).__name__ == "IterableDataset" or (
+        hasattr(data, "__iter__") and not isinstance(data, (list, tuple, dict, str)) and not hasattr(data, "to_list")
+        and not hasattr(data, "__len__"))
+
+
+def _reward_label(r) -> str:
+    """How a reward given to the constructor is named in the config, logs and metrics."""
+    if isinstance(r, str):
+        return r
+    if isinstance(r, torch.nn.Module):
+        return getattr(getattr(r, "config", None), "_name_or_path", "") or type(r).__name__
+    return getattr(r, "__name__", type(r).__name__)
+
+
+class RewardModel:
+    """A sequence-classification model with one label as a reward function (TRL's behaviour): it scores
+    prompt + completion, rendered with its own tokenizer's chat template for conversational data and
+    concatenated for standard data; the score is the logit. Its forward runs without gradients, on the
+    trainer's device, inside ``context`` (the trainer's ``gathered``: ZeRO-3 may have partitioned it)."""
+
+    def __init__(self, model, tokenizer, context):
+        self.model, self.tokenizer, self.context = model.eval().requires_grad_(False), tokenizer, context
+        labels = getattr(model.config, "num_labels", 1)
+        if labels != 1:
+            raise ValueError(f"reward model {_reward_label(model)} has {labels} labels; a reward model has one")
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.__name__ = _reward_label(model).rstrip("/").split("/")[-1]
+
+    @torch.no_grad()
+    def __call__(self, prompts, completions, **kwargs) -> list[float]:
+        if is_conversational(prompts[0]):
+            texts = [self.tokenizer.apply_chat_template(list(p) + list(c), tokenize=False)
+                     for p, c in zip(prompts, completions)]
+        else:
+            texts = [p + c for p, c in zip(prompts, completions)]
+        with self.context(self.model) as model:
+            device = next(model.parameters()).device
+            enc = self.tokenizer(texts, return_tensors="pt", padding=True, padding_side="right",
+                                 add_special_tokens=False).to(device)
+            return model(**enc).logits[:, 0].float().tolist()
+
+
+def as_conversation(row: dict) -> dict:
+    """A row whose string prompt becomes a one-message conversation (the synthetic tasks' format)."""
+    return {**row, "prompt": [{"role": "user", "content": row["prompt"]}]}
+
+
+class AsConversation:
+    """A prompt stream (``take``, ``state_dict``, ``load_state_dict``) whose rows are conversational."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def take(self, n: int) -> list[dict]:
+        return [as_conversation(r) for r in self.stream.take(n)]
+
+    def state_dict(self) -> dict:
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stream.load_state_dict(state)
 
 
 class TrainingAborted(RuntimeError):
@@ -70,26 +136,34 @@ def _fused_lm_head_forward(self, hidden, **loss_kwargs):
     return fused_linear_grpo_loss(hidden, self.weight, *args, bias=self.bias, **loss_kwargs)
 
 
+class RewardFailed(TrainingAborted):
+    """A reward function raised on every item for reward_fail_steps steps in a row (nothing saved)."""
+
+
 def guard_reward(fn, name: str, max_logged: int = 3):
-    """``fn`` for the trainer: when a call over the batch raises, the items are scored one at a time, so
-    one bad item costs only its own score. Items that raise are logged (function, error, the prompt and
-    completion, escaped and truncated: model output is untrusted) and returned as None (missing).
-    Keeps ``fn``'s name and signature (``functools.wraps``)."""
-    @functools.wraps(fn)
-    def guarded(prompts, completions, **columns):
+    """``fn`` for the trainer, called under the reward contract (``call_reward``): when a call over the
+    batch raises, the items are scored one at a time, so one bad item costs only its own score. Items
+    that raise are logged (function, error, the prompt and completion, escaped and truncated: model
+    output is untrusted) and returned as None (missing). After each call ``guarded.failure`` is
+    "ExceptionType: message" when every item raised, else None."""
+    def guarded(**kwargs):
+        guarded.failure = None
+        prompts, completions = kwargs["prompts"], kwargs["completions"]
         try:
-            return fn(prompts=prompts, completions=completions, **columns)
+            return call_reward(fn, **kwargs)
         except Exception as batch_error:  # noqa: BLE001 - user code; find the items that fail
-            first_error = batch_error
+            first_error = last_error = batch_error
+        n = len(completions)
+        per_item = {k for k, v in kwargs.items() if isinstance(v, list) and len(v) == n}
         out, failed = [], 0
         for i, (prompt, completion) in enumerate(zip(prompts, completions)):
             try:
-                one = list(fn(prompts=[prompt], completions=[completion], **{k: [v[i]] for k, v in columns.items()}))
+                one = list(call_reward(fn, **{k: [v[i]] if k in per_item else v for k, v in kwargs.items()}))
                 if len(one) != 1:
                     raise ValueError(f"returned {len(one)} rewards for 1 completion")
                 out.append(one[0])
             except Exception as e:  # noqa: BLE001
-                failed += 1
+                failed, last_error = failed + 1, e
                 if failed <= max_logged:
                     logger.warning("reward %s raised %s: %s on item %d (scored as missing) | prompt %s | "
                                    "completion %s", name, type(e).__name__, _clip(e), i, _clip(prompt), _clip(completion))
@@ -100,7 +174,11 @@ def guard_reward(fn, name: str, max_logged: int = 3):
         if not failed:  # the batch call failed but no single item does: the batch is the problem
             logger.warning("reward %s raised %s: %s on the batch, not on any single item; scored item by item",
                            name, type(first_error).__name__, _clip(first_error))
+        if n and failed == n:
+            guarded.failure = f"{type(last_error).__name__}: {last_error}"
         return out
+    guarded.__name__ = name
+    guarded.failure = None
     return guarded
 
 
@@ -110,7 +188,7 @@ def _clip(x, n: int = 200) -> str:
 
 
 def lr_lambda(cfg: GRPOConfig):
-    warmup = int(round(cfg.warmup_ratio * cfg.max_steps))
+    warmup = int(cfg.warmup_steps) if cfg.warmup_steps >= 1 else int(round(cfg.warmup_steps * cfg.max_steps))
 
     def f(step: int) -> float:
         if step < warmup:
@@ -125,8 +203,55 @@ def lr_lambda(cfg: GRPOConfig):
 
 
 class GRPOTrainer:
-    def __init__(self, cfg: GRPOConfig):
-        self.cfg = cfg
+    def __init__(self, model=None, reward_funcs=None, args: Optional[GRPOConfig] = None, train_dataset=None,
+                 eval_dataset=None, processing_class=None, reward_processing_classes=None, peft_config=None,
+                 **unsupported):
+        """TRL's constructor: a TRL script changes only its import line.
+
+        model: a Hub name or local folder (also a LoRA adapter folder), or a loaded PreTrainedModel;
+        default ``args.model_name_or_path``. reward_funcs: a function (``async def`` too), a built-in name,
+        'module:function', a reward model (a folder or name of an AutoModelForSequenceClassification with one
+        label, or the loaded model), or a list of these; default ``args.reward_funcs``. args: GRPOConfig
+        (default GRPOConfig(), TRL's defaults). train_dataset / eval_dataset: a datasets.Dataset or
+        IterableDataset, a list of dicts or a path; default ``args.dataset_path`` (else the synthetic tasks).
+        processing_class: the tokenizer; reward_processing_classes: the reward models' tokenizers;
+        peft_config: a peft LoraConfig (LoRA with exactly that configuration).
+        ``GRPOTrainer(config)`` (the config alone) is the command line's form."""
+        if isinstance(model, GRPOConfig) and args is None:
+            model, args = None, model
+        if unsupported:
+            names = ", ".join(sorted(unsupported))
+            raise ConfigError(f"GRPOTrainer({names}=...): not supported yet by grpo-scale; remove the argument "
+                              "(see the README's 'Coming from TRL')")
+        cfg = args if args is not None else GRPOConfig()
+        self.model_object = None
+        if model is not None:
+            if isinstance(model, (str, os.PathLike)):
+                cfg.model_name_or_path = os.fspath(model)
+            elif isinstance(model, torch.nn.Module):
+                self.model_object = model
+                cfg.model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", "") or "<model object>"
+            else:
+                raise ConfigError(f"model: expected a name, a path or a PreTrainedModel, got {type(model).__name__}")
+        self.reward_objects = getattr(cfg, "reward_objects", None)  # callables given in GRPOConfig(reward_funcs=)
+        if reward_funcs is not None:
+            self.reward_objects = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+            cfg.reward_funcs = [_reward_label(r) for r in self.reward_objects]
+            if cfg.reward_weights is not None and len(cfg.reward_weights) != len(cfg.reward_funcs):
+                raise ConfigError(f"reward_weights has {len(cfg.reward_weights)} entries but reward_funcs has "
+                                  f"{len(cfg.reward_funcs)}: give one weight per function")
+        self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
+        if isinstance(train_dataset, (str, os.PathLike)):
+            cfg.dataset_path, self.train_dataset = os.fspath(train_dataset), None
+        if isinstance(eval_dataset, (str, os.PathLike)):
+            cfg.eval_dataset_path, self.eval_dataset = os.fspath(eval_dataset), None
+        self.processing_class = processing_class
+        self.reward_processing_classes = reward_processing_classes
+        self.peft_config = peft_config
+        if peft_config is not None:
+            cfg.use_peft = True
+        self.is_set_up = False
+        self.cfg = self.args = cfg
         self.step = 0                        # optimiser steps done (skipped ones included)
         self.history: list[dict] = []        # logged metrics, one dict per logging step
         self.window: list[dict] = []         # per-step metrics not logged yet (logging_steps > 1)
@@ -139,10 +264,11 @@ class GRPOTrainer:
     def setup(self) -> None:
         """Everything the run needs, cheapest checks first: a bad path, data set or reward fails before
         any model is loaded. Restores the checkpoint last, so its RNG states win over the seeding."""
-        self.cfg.check_paths()
+        self.cfg.check_paths(model=self.model_object is None)
         self._setup_accelerator()
         self.resumed_from = self._resolve_resume()
         self._setup_data()
+        self._resolve_max_steps(self.acc.num_processes)
         self._setup_rewards()
         self._setup_model()
         self._setup_optimizer()
@@ -154,11 +280,19 @@ class GRPOTrainer:
             head.forward = types.MethodType(_fused_lm_head_forward, head)
         if self.resumed_from is not None:
             self._load_checkpoint(self.resumed_from)
-        if self.cfg.report_to == "tensorboard":
+        self.is_set_up = True
+        if "tensorboard" in self.cfg.report_to:
             # purge_step: TensorBoard drops the events a killed run logged after its last checkpoint (steps
             # >= purge_step in older files), so resumed curves have no duplicate steps.
             self.acc.init_trackers("tensorboard", config=_flat_hparams(self.cfg.to_dict()),
                                    init_kwargs={"tensorboard": {"purge_step": self.step + 1}})
+
+    def check_inputs(self, num_processes: int = 1) -> None:
+        """The checks of ``setup`` that load no model (``train.py --check``): paths, data, rewards."""
+        self.cfg.check_paths(model=self.model_object is None)
+        self._setup_data()
+        self._resolve_max_steps(num_processes)
+        self._setup_rewards()
 
     def _setup_accelerator(self) -> None:
         cfg = self.cfg
@@ -169,7 +303,7 @@ class GRPOTrainer:
         self.acc = Accelerator(
             mixed_precision="bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "no",
             gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-            log_with="tensorboard" if cfg.report_to == "tensorboard" else None,
+            log_with="tensorboard" if "tensorboard" in cfg.report_to else None, cpu=cfg.use_cpu,
             project_dir=cfg.output_dir, kwargs_handlers=handlers)
         self.acc.gradient_accumulation_steps = cfg.gradient_accumulation_steps  # the training config decides
         cfg.check_world(self.acc.num_processes)
@@ -194,6 +328,9 @@ class GRPOTrainer:
         set_seed(cfg.seed)
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                             level=logging.INFO if self.acc.is_main_process else logging.WARNING)
+        if self.acc.is_main_process:
+            for note in getattr(cfg, "notes", []):
+                logger.warning("%s", note)
 
     def _resolve_resume(self) -> Optional[Path]:
         """The checkpoint to continue from, chosen by rank 0 and broadcast, so all ranks load the same one."""
@@ -234,18 +371,38 @@ class GRPOTrainer:
 
     def _setup_model(self) -> None:
         cfg = self.cfg
-        path = cfg.resolved_model_path
-        adapter_dir = path if is_adapter_dir(path) else None  # continue this LoRA adapter
-        base_path = adapter_base(path) if adapter_dir else path
-        tokenizer_path = adapter_dir if adapter_dir and (Path(adapter_dir) / "tokenizer_config.json").is_file() \
-            else base_path
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=cfg.trust_remote_code)
-            model = self._load_model(base_path)
-            # a frozen copy of the start; a LoRA run's reference is the same network with its adapters off
-            self.ref_model = self._load_model(base_path) if cfg.beta > 0 and not cfg.use_peft else None
-        except (OSError, ValueError) as e:  # missing files, Hub errors, custom code without trust_remote_code
-            raise ConfigError(f"model_name_or_path: cannot load {base_path}: {e}") from None
+        if self.model_object is not None:  # a loaded model given to the constructor
+            import copy
+            model = self.model_object
+            from peft import PeftModel
+            if isinstance(model, PeftModel):
+                raise ConfigError("model: a PeftModel; pass its base model and the LoraConfig as peft_config, or "
+                                  "save the adapter and pass its folder as model")
+            self.tokenizer = self.processing_class
+            if self.tokenizer is None:
+                try:
+                    self.tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path,
+                                                                   trust_remote_code=cfg.trust_remote_code)
+                except (OSError, ValueError) as e:
+                    raise ConfigError(f"model: a loaded model without processing_class, and no tokenizer at "
+                                      f"{cfg.model_name_or_path!r} ({e}); pass processing_class=tokenizer") from None
+            # the reference: a frozen copy of the start (TRL makes the same copy)
+            self.ref_model = copy.deepcopy(model) if cfg.beta > 0 and not cfg.use_peft else None
+            adapter_dir, path = None, cfg.model_name_or_path
+        else:
+            path = cfg.resolved_model_path
+            adapter_dir = path if is_adapter_dir(path) else None  # continue this LoRA adapter
+            base_path = adapter_base(path) if adapter_dir else path
+            tokenizer_path = adapter_dir if adapter_dir and (Path(adapter_dir) / "tokenizer_config.json").is_file() \
+                else base_path
+            try:
+                self.tokenizer = self.processing_class or AutoTokenizer.from_pretrained(
+                    tokenizer_path, trust_remote_code=cfg.trust_remote_code)
+                model = self._load_model(base_path)
+                # a frozen copy of the start; a LoRA run's reference is the same network with its adapters off
+                self.ref_model = self._load_model(base_path) if cfg.beta > 0 and not cfg.use_peft else None
+            except (OSError, ValueError) as e:  # missing files, Hub errors, custom code without trust_remote_code
+                raise ConfigError(f"model_name_or_path: cannot load {base_path}: {e}") from None
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         if not getattr(self.tokenizer, "chat_template", None):
@@ -257,7 +414,7 @@ class GRPOTrainer:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False  # training forwards; generation turns the cache on explicitly
         if cfg.use_peft:
-            model = lora.wrap(model, cfg, adapter_dir, reference=cfg.beta > 0)
+            model = lora.wrap(model, cfg, adapter_dir, reference=cfg.beta > 0, config=self.peft_config)
         model.train()  # from_pretrained returns eval mode: dropout (LoRA's too) and checkpointing need train
         self.model = model
         self.cache_kw = cache_argument(model)
@@ -298,7 +455,9 @@ class GRPOTrainer:
 
     def _setup_data(self) -> None:
         cfg = self.cfg
-        if cfg.dataset_path:
+        if self.train_dataset is not None:  # given to the constructor
+            self._setup_data_objects()
+        elif cfg.dataset_path:
             from grpo_scale.tasks.data import load_rows
             from grpo_scale.tasks.stream import RowStream
             try:
@@ -310,26 +469,129 @@ class GRPOTrainer:
                 self.eval_rows = eval_rows[:cfg.eval_size]
                 train_rows = rows
             else:  # hold out the last eval_size rows of a seeded shuffle
-                order = list(range(len(rows)))
-                import random
-                random.Random(cfg.eval_seed).shuffle(order)
-                n_eval = min(cfg.eval_size, len(rows) // 2)
-                self.eval_rows = [rows[i] for i in order[len(rows) - n_eval:]]
-                train_rows = [rows[i] for i in order[:len(rows) - n_eval]]
+                train_rows, self.eval_rows = self._hold_out(rows, cfg.dataset_path)
             self.stream = RowStream(train_rows, cfg.seed)
             self.columns = [k for k in train_rows[0] if k != "prompt"]
-        else:
-            self.eval_rows = make_eval_set(cfg.task_mix, cfg.task_level, cfg.eval_size, cfg.eval_seed)
-            self.stream = ProblemStream(cfg.task_mix, cfg.task_level, cfg.seed,
-                                        exclude={r["prompt"] for r in self.eval_rows})
+        else:  # the synthetic tasks, as conversational rows (the question is the user's message)
+            eval_rows = make_eval_set(cfg.task_mix, cfg.task_level, cfg.eval_size, cfg.eval_seed)
+            self.stream = AsConversation(ProblemStream(cfg.task_mix, cfg.task_level, cfg.seed,
+                                                       exclude={r["prompt"] for r in eval_rows}))
+            self.eval_rows = [as_conversation(r) for r in eval_rows]
             sample = ProblemStream(cfg.task_mix, cfg.task_level, cfg.seed).take(1)[0]  # a throwaway stream
             self.columns = [k for k in sample if k != "prompt"]
+
+    def _resolve_max_steps(self, num_processes: int) -> None:
+        """max_steps -1 (TRL's default): num_train_epochs passes over the training prompts. A rollout takes
+        per_device_train_batch_size x processes x gradient_accumulation_steps / num_generations prompts and
+        trains num_iterations steps."""
+        cfg = self.cfg
+        if cfg.max_steps != -1:
+            return
+        rows = getattr(self.stream, "rows", None)
+        if rows is None:
+            what = "the synthetic tasks are" if isinstance(self.stream, AsConversation) else "an IterableDataset is"
+            raise ConfigError(f"max_steps is -1 (train num_train_epochs passes over the data), but {what} endless: "
+                              "set max_steps")
+        per_rollout = cfg.per_device_train_batch_size * num_processes * cfg.gradient_accumulation_steps // cfg.num_generations
+        cfg.max_steps = max(1, math.ceil(cfg.num_train_epochs * len(rows) / max(1, per_rollout))) * cfg.num_iterations
+        logger.info("max_steps -1: %g epoch(s) of %d prompts, %d prompts per rollout: %d steps", cfg.num_train_epochs,
+                    len(rows), per_rollout, cfg.max_steps)
+
+    def _reward_object(self, r, i: int):
+        """One entry of the constructor's reward_funcs as a function: a callable as it is; a name as the
+        command line reads it; a reward model (loaded, or a folder / name that is not a function)."""
+        from grpo_scale.rewards import BUILTIN_REWARDS
+        if isinstance(r, torch.nn.Module):
+            return RewardModel(self._placed(r), self._reward_tokenizer(i, r), self.gathered)
+        if callable(r):
+            return r
+        if not isinstance(r, str):
+            raise ValueError(f"reward_funcs[{i}]: expected a function, a name or a reward model, got {type(r).__name__}")
+        if r in BUILTIN_REWARDS or (":" in r and not os.path.isdir(r)):
+            return get_reward_funcs([r])[0]
+        from transformers import AutoModelForSequenceClassification
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(r, num_labels=1, use_safetensors=True,
+                                                                       trust_remote_code=self.cfg.trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"reward_funcs[{i}]: {r!r} is not a built-in reward ({sorted(BUILTIN_REWARDS)}), not "
+                             f"'module:function', and loading it as a reward model failed: {e}") from None
+        return RewardModel(self._placed(model), self._reward_tokenizer(i, model), self.gathered)
+
+    def _placed(self, model):
+        """A reward model on the training device (left where it is when ZeRO-3 partitioned it: its forward
+        then gathers it, see RewardModel), in the precision the policy computes in."""
+        acc = getattr(self, "acc", None)  # train.py --check scores nothing: no accelerator there
+        if acc is not None and not _partitioned(model):
+            model.to(acc.device, dtype=torch.bfloat16 if self.cfg.bf16 else None)
+        return model
+
+    def _reward_tokenizer(self, i: int, model):
+        given = self.reward_processing_classes
+        if isinstance(given, (list, tuple)):
+            given = given[i] if i < len(given) else None
+        if given is not None:
+            return given
+        from transformers import AutoTokenizer
+        path = getattr(model.config, "_name_or_path", "")
+        try:
+            return AutoTokenizer.from_pretrained(path, trust_remote_code=self.cfg.trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"reward_funcs[{i}]: no tokenizer for the reward model {path!r} ({e}); pass it in "
+                             "reward_processing_classes") from None
+
+    def _setup_data_objects(self) -> None:
+        """train_dataset / eval_dataset given as objects: a datasets.Dataset or a list of dicts (read in
+        full and validated like a file), or an IterableDataset (read as needed). Without eval_dataset the
+        Python API holds nothing out (TRL's behaviour): no held-out accuracy then."""
+        from grpo_scale.tasks.data import IterableRows, rows_from
+        from grpo_scale.tasks.stream import RowStream
+        cfg = self.cfg
+        try:
+            if _is_iterable_dataset(self.train_dataset):
+                stream = IterableRows(self.train_dataset, "train_dataset")
+                self.stream, self.columns, rows = stream, stream.columns(), None
+            else:
+                rows = rows_from(self.train_dataset, "train_dataset")
+            if self.eval_dataset is not None:
+                if _is_iterable_dataset(self.eval_dataset):
+                    eval_rows = IterableRows(self.eval_dataset, "eval_dataset").take(cfg.eval_size)
+                else:
+                    eval_rows = rows_from(self.eval_dataset, "eval_dataset")
+                self.eval_rows = eval_rows[:cfg.eval_size]
+            elif cfg.eval_dataset_path:
+                from grpo_scale.tasks.data import load_rows
+                self.eval_rows = load_rows(cfg.eval_dataset_path)[:cfg.eval_size]
+            else:  # TRL's behaviour: every row is trained on, nothing is held out
+                self.eval_rows = []
+        except ValueError as e:
+            raise ConfigError(f"data: {e}") from None
+        if rows is not None:
+            self.stream = RowStream(rows, cfg.seed)
+            self.columns = [k for k in rows[0] if k != "prompt"]
+
+    def _hold_out(self, rows: list[dict], what: str) -> tuple[list[dict], list[dict]]:
+        """(train rows, held-out rows): the last eval_size rows of a seeded shuffle, at most half, said."""
+        import random
+        cfg = self.cfg
+        order = list(range(len(rows)))
+        random.Random(cfg.eval_seed).shuffle(order)
+        n_eval = min(cfg.eval_size, len(rows) // 2)
+        if n_eval:
+            logger.warning("no eval data: %d of the %d rows of %s are held out for evaluation and not trained on "
+                           "(eval_size %d, at most half the data; eval_seed %d). Give eval_dataset / eval_dataset_path "
+                           "to choose them, or eval_size 0 to train on every row", n_eval, len(rows), what,
+                           cfg.eval_size, cfg.eval_seed)
+        return [rows[i] for i in order[:len(rows) - n_eval]], [rows[i] for i in order[len(rows) - n_eval:]]
 
     def _setup_rewards(self) -> None:
         """The reward functions, each guarded so that an item that raises is scored as missing."""
         cfg = self.cfg
         try:
-            funcs = get_reward_funcs(cfg.reward_funcs)
+            if self.reward_objects is None:
+                funcs = get_reward_funcs(cfg.reward_funcs)
+            else:
+                funcs = [self._reward_object(r, i) for i, r in enumerate(self.reward_objects)]
             names = [getattr(f, "__name__", str(i)) for i, f in enumerate(funcs)]
             check_reward_columns(funcs, names, self.columns)
         except ValueError as e:
@@ -377,7 +639,24 @@ class GRPOTrainer:
         return self.gathered(self.model)
 
     def _render(self, rows: list[dict]) -> list[str]:
-        return [render_prompt(self.tokenizer, r["prompt"], self.cfg.system_prompt) for r in rows]
+        """The prompt text of each row: a conversation through the chat template (system_prompt first
+        unless it has its own system message); a string as it is (TRL's standard format)."""
+        out = []
+        for r in rows:
+            prompt = r["prompt"]
+            if is_conversational(prompt):
+                out.append(render_messages(self.tokenizer, prompt, self.cfg.system_prompt))
+                continue
+            if not getattr(self, "_said_standard", False) and getattr(self.tokenizer, "chat_template", None):
+                self._said_standard = True
+                if self.acc.is_main_process:
+                    logger.warning(
+                        "string prompts (TRL's standard format) are tokenized as they are: no chat template and no "
+                        "system_prompt, although this tokenizer has a chat template. (Before 0.2 grpo-scale "
+                        "templated them.) To use the template, give each prompt as a list of messages: "
+                        "[{\"role\": \"user\", \"content\": \"...\"}]")
+            out.append(prompt)
+        return out
 
     def _inputs(self, model, rb: Rollout, prefix_model) -> tuple[dict, int]:
         """(model inputs, how many of the last output positions to keep; the first T of those predict rb's
@@ -450,8 +729,18 @@ class GRPOTrainer:
                 rollout = generate(model, self.tokenizer, self._render(mine), share_prompt=False, **kwargs)
         t1 = time.perf_counter()
         columns = {k: [r.get(k) for r in mine] for k in mine[0] if k != "prompt"}
-        per_func, total = compute_rewards(self.reward_funcs, self.reward_weights, rollout.prompts,
-                                          rollout.completions, columns)
+        prompts = [r["prompt"] for r in mine]  # as the data set has them
+        completions = rollout.completions
+        if is_conversational(prompts[0]):
+            completions = [[{"role": "assistant", "content": c}] for c in completions]
+        self._reward_logs, self._reward_extra = defaultdict(list), {}
+        extras = {"completion_ids": [ids[m.bool()].tolist() for ids, m in
+                                     zip(rollout.completion_ids.cpu(), rollout.attention_mask.cpu())],
+                  "trainer_state": self._reward_state(), "log_metric": self._log_metric,
+                  "log_extra": self._log_extra}
+        per_func, total = compute_rewards(self.reward_funcs, self.reward_weights, prompts, completions, columns,
+                                          names=self.reward_names, extras=extras)
+        self._check_reward_failures()
         all_total = acc.gather(total.to(acc.device))
         all_per_func = acc.gather(per_func.to(acc.device))
         adv, group_std = group_advantages(all_total.cpu(), G, cfg.scale_rewards)
@@ -484,8 +773,54 @@ class GRPOTrainer:
             "time/generate_s": t1 - t0, "time/reward_s": t2 - t1, "time/logps_s": t3 - t2,
             "tokens": float(n_tokens),
         })
+        m.update(self._gathered_reward_logs())
         batch["metrics"] = m
         return batch
+
+    # ------------------------------------------------------------------ reward contract helpers
+    def _reward_state(self):
+        """What reward functions get as ``trainer_state`` (transformers' TrainerState, as in TRL)."""
+        from transformers import TrainerState
+        return TrainerState(global_step=self.step, max_steps=self.cfg.max_steps,
+                            is_world_process_zero=self.acc.is_main_process)
+
+    def _log_metric(self, name: str, value: float) -> None:
+        self._reward_logs[str(name)].append(float(value))
+
+    def _log_extra(self, name: str, values: list) -> None:
+        self._reward_extra[str(name)] = list(values)
+
+    def _gathered_reward_logs(self) -> dict:
+        """The log_metric values of this rollout, averaged over calls and ranks (one collective, of
+        objects, so ranks may log different names)."""
+        from accelerate.utils import gather_object
+        mine = {k: (sum(v), len(v)) for k, v in self._reward_logs.items()}
+        every = gather_object([mine]) if self.acc.num_processes > 1 else [mine]
+        sums: dict = defaultdict(lambda: [0.0, 0])
+        for d in every:
+            for k, (total, count) in d.items():
+                sums[k][0] += total
+                sums[k][1] += count
+        return {k: total / count for k, (total, count) in sums.items() if count}
+
+    def _check_reward_failures(self) -> None:
+        """Stop the run when a reward function raised on every item, on every rank, for
+        reward_fail_steps rollouts in a row (one small all-reduce; every rank decides alike)."""
+        failed = torch.tensor([float(getattr(f, "failure", None) is not None) for f in self.reward_funcs],
+                              device=self.acc.device)
+        everywhere = self.acc.reduce(failed, "sum") >= self.acc.num_processes
+        if not hasattr(self, "_fail_streak"):
+            self._fail_streak = [0] * len(self.reward_funcs)
+        for i, (f, bad) in enumerate(zip(self.reward_funcs, everywhere.tolist())):
+            self._fail_streak[i] = self._fail_streak[i] + 1 if bad else 0
+            if self._fail_streak[i] >= self.cfg.reward_fail_steps:
+                why = f.failure or "(on the other ranks)"
+                raise RewardFailed(
+                    f"reward function {self.reward_names[i]} raised on every item for {self._fail_streak[i]} rollouts "
+                    f"in a row ({why}); nothing was trained on its scores. Fix the function: it is called as "
+                    "fn(prompts, completions, completion_ids, trainer_state, log_metric, log_extra, **columns), "
+                    "with completions as strings for string prompts and as [{'role': 'assistant', 'content': ...}] "
+                    "for conversational ones (or raise reward_fail_steps)")
 
     def grpo_step(self, batch: dict) -> dict:
         """num_iterations optimiser steps on one rollout, each over gradient_accumulation_steps micro-batches.
@@ -585,7 +920,7 @@ class GRPOTrainer:
         args = (rb.completion_ids, batch["advantages"][idx], rb.completion_mask,
                 None if batch["old_logps"] is None else batch["old_logps"][idx],
                 None if batch["ref_logps"] is None else batch["ref_logps"][idx])
-        kwargs = dict(beta=cfg.beta, epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high, delta=cfg.delta,
+        kwargs = dict(beta=cfg.beta, epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon_high, delta=cfg.delta,
                       temperature=cfg.temperature, loss_type=cfg.loss_type,
                       importance_sampling_level=cfg.importance_sampling_level,
                       max_completion_length=cfg.max_completion_length,
@@ -600,8 +935,20 @@ class GRPOTrainer:
     # ================================================================== evaluation
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Greedy accuracy on the held-out set, judged by the correctness reward (all ranks share the work)."""
+        """Greedy accuracy on the held-out set, judged by the correctness reward (all ranks share the work).
+        Rows whose expected answer is missing or unreadable are left out of the figure; with none left
+        (data without an ``answer`` column) accuracy is None and no generation runs."""
+        if not self.is_set_up:
+            self.setup()
         cfg, acc = self.cfg, self.acc
+        if not self.eval_rows:
+            return {"accuracy": None}
+        if not any(r.get("answer") is not None for r in self.eval_rows):
+            if not getattr(self, "_said_no_answer", False) and acc.is_main_process:
+                logger.warning("the held-out data has no 'answer' column: held-out accuracy is not computed (the "
+                               "correctness reward needs one); summary.json reports null")
+            self._said_no_answer = True
+            return {"accuracy": None}
         rows = self.eval_rows[acc.process_index::acc.num_processes]
         groups = sorted({r.get("task", "all") for r in self.eval_rows})
         correct = torch.zeros(len(groups) + 1, device=acc.device)
@@ -616,10 +963,11 @@ class GRPOTrainer:
                 answers = [r.get("answer") for r in chunk]
                 scores = correctness_reward(ro.prompts, ro.completions, answer=answers)
                 for r, sc, text in zip(chunk, scores, ro.completions):
+                    if sc is None:  # no readable expected answer: not part of the figure
+                        continue
                     g = groups.index(r.get("task", "all"))
-                    ok = float(sc or 0.0)
-                    correct[g] += ok
-                    correct[-1] += ok
+                    correct[g] += float(sc)
+                    correct[-1] += float(sc)
                     total[g] += 1
                     total[-1] += 1
                     if len(samples) < 3:
@@ -638,11 +986,14 @@ class GRPOTrainer:
         """Steps until max_steps (from the restored step when resumed); returns the run summary.
 
         Raises TrainingAborted, after saving a checkpoint, when max_bad_steps steps in a row were skipped.
+        Sets the trainer up first when ``setup`` has not run (the Python API's ``trainer.train()``).
         """
+        if not self.is_set_up:
+            self.setup()
         cfg, acc = self.cfg, self.acc
         wall0 = time.perf_counter()
         before = self._evaluate_before()
-        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not acc.is_main_process, desc="grpo")
+        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not acc.is_main_process or cfg.disable_tqdm, desc="grpo")
         t_train = time.perf_counter()
         while self.step < cfg.max_steps:
             t0, prev = time.perf_counter(), self.step
@@ -665,17 +1016,17 @@ class GRPOTrainer:
             if stop:
                 bar.close()
                 self._abort()
-            if due(cfg.eval_steps) and self.step < cfg.max_steps:
+            if cfg.eval_strategy == "steps" and due(cfg.eval_steps) and self.step < cfg.max_steps:
                 ev = self.evaluate()
                 logger.info("eval at step %d: %s", self.step, ev)
-                acc.log({f"eval/{k}": v for k, v in ev.items()}, step=self.step)
-            if due(cfg.save_steps):
+                acc.log({f"eval/{k}": v for k, v in ev.items() if v is not None}, step=self.step)
+            if cfg.save_strategy == "steps" and due(cfg.save_steps):
                 self.save_checkpoint()
         bar.close()
         train_seconds = time.perf_counter() - t_train
         after = self.evaluate()
         logger.info("eval after training: %s", after)
-        acc.log({f"eval/{k}": v for k, v in after.items()}, step=self.step)
+        acc.log({f"eval/{k}": v for k, v in after.items() if v is not None}, step=self.step)
         last = self.history[-max(1, 10 // cfg.logging_steps):] if self.history else []
         summary = {
             "steps": self.step, "wall_seconds": time.perf_counter() - wall0, "train_seconds": train_seconds,
@@ -696,7 +1047,7 @@ class GRPOTrainer:
             return self.eval_before
         self.eval_before = self.evaluate()
         logger.info("eval before training: %s", self.eval_before)
-        self.acc.log({f"eval/{k}": v for k, v in self.eval_before.items()}, step=self.step)
+        self.acc.log({f"eval/{k}": v for k, v in self.eval_before.items() if v is not None}, step=self.step)
         return self.eval_before
 
     def _log_window(self, rollout: Rollout) -> None:
@@ -706,8 +1057,11 @@ class GRPOTrainer:
         logged["step"] = self.step
         self.history.append(logged)
         self.acc.log({f"train/{k}": v for k, v in logged.items() if k != "step"}, step=self.step)
-        for c in rollout.completions[:self.cfg.log_completions]:
-            logger.info("sample | %r", c)
+        extra = getattr(self, "_reward_extra", {})
+        shown = (self.cfg.num_completions_to_print or len(rollout.completions)) if self.cfg.log_completions else 0
+        for i, c in enumerate(rollout.completions[:shown]):
+            columns = "".join(f" | {k}={v[i]!r}" for k, v in extra.items() if i < len(v))
+            logger.info("sample | %r%s", c, columns)
 
     def _abort(self) -> None:
         path = self.save_checkpoint()
@@ -799,37 +1153,61 @@ class GRPOTrainer:
                               "run that wrote it")
 
     def save(self, summary: dict) -> None:
-        """OUTPUT_DIR/final (HF format, safetensors) and OUTPUT_DIR/summary.json."""
+        """OUTPUT_DIR/final (HF format, safetensors; with LoRA the merged model, and OUTPUT_DIR/adapter) and
+        OUTPUT_DIR/summary.json (strict JSON); ends training (trackers closed). Collective."""
         acc = self.acc
         out = Path(self.cfg.output_dir)
+        self._write_model(out / "final", out / "adapter")
+        if acc.is_main_process:
+            (out / "summary.json").write_text(json.dumps(strict_json(summary), indent=1, allow_nan=False))
+        acc.wait_for_everyone()
+        acc.end_training()
+
+    def save_model(self, output_dir: Optional[str] = None) -> None:
+        """TRL's ``save_model``: the trained model in ``output_dir`` (default: the config's), in Hugging
+        Face format that plain transformers loads, with the tokenizer; with LoRA the merged model there
+        and the adapter alone in ``output_dir/adapter``. Collective under DeepSpeed."""
+        out = Path(output_dir or self.cfg.output_dir)
+        self._write_model(out, out / "adapter")
+
+    def _write_model(self, final: Path, adapter: Path) -> None:
+        acc = self.acc
         if self.cfg.use_peft:
-            self._save_lora(out)
+            self._save_lora(final, adapter)
         else:
             state_dict = acc.get_state_dict(self.model)  # gathers ZeRO-3 shards on rank 0
             if acc.is_main_process:
                 model = acc.unwrap_model(self.model)
                 model.config.use_cache = True
-                model.save_pretrained(out / "final", state_dict=state_dict, safe_serialization=True)
+                model.save_pretrained(final, state_dict=state_dict, safe_serialization=True)
+                model.config.use_cache = False
         if acc.is_main_process:
-            out.mkdir(parents=True, exist_ok=True)
-            self.tokenizer.save_pretrained(out / "final")
-            (out / "summary.json").write_text(json.dumps(summary, indent=1))
+            self.tokenizer.save_pretrained(final)
         acc.wait_for_everyone()
-        acc.end_training()
 
-    def _save_lora(self, out: Path) -> None:
-        """OUTPUT_DIR/adapter (the adapter alone: PeftModel.from_pretrained(base, dir)) and OUTPUT_DIR/final
-        (the base with the adapter merged, a plain transformers model). Collective under ZeRO-3."""
+    def _save_lora(self, final: Path, adapter: Path) -> None:
+        """``adapter`` (the adapter alone: PeftModel.from_pretrained(base, dir)) and ``final`` (the base with
+        the adapter merged, a plain transformers model). Collective under ZeRO-3."""
         with self.gathered(self.model) as peft_model:
             if self.acc.is_main_process:
-                out.mkdir(parents=True, exist_ok=True)
-                peft_model.save_pretrained(out / "adapter", selected_adapters=["default"], safe_serialization=True)
-                self.tokenizer.save_pretrained(out / "adapter")
+                peft_model.save_pretrained(adapter, selected_adapters=["default"], safe_serialization=True)
+                self.tokenizer.save_pretrained(adapter)
                 merged = lora.merged_state_dict(peft_model)
                 base = peft_model.get_base_model()
                 base.config.use_cache = True
-                base.save_pretrained(out / "final", state_dict=merged, safe_serialization=True)
+                base.save_pretrained(final, state_dict=merged, safe_serialization=True)
                 base.config.use_cache = False
+
+
+def strict_json(value):
+    """``value`` with every non-finite float replaced by None: JSON has no NaN (strict parsers reject it)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
 
 
 def param_bytes(model: torch.nn.Module) -> tuple[int, int]:

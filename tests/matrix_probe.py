@@ -21,13 +21,14 @@ from pathlib import Path
 import torch
 
 from grpo_scale.config import load_config
+from grpo_scale.rewards import completion_text
 from grpo_scale.trainer import GRPOTrainer, param_bytes
 
 
 def text_checksum(prompts, completions, **columns) -> list[float]:
     """A reward in [0, 1) that differs between distinct completions (a checksum of the text), so every
     group has a reward spread and every cell's weights move, whatever the model writes in a few tokens."""
-    return [zlib.crc32(c.encode()) / 2**32 for c in completions]
+    return [zlib.crc32(completion_text(c).encode()) / 2**32 for c in completions]
 
 
 def lora_state(peft_model, base_path: str) -> dict:

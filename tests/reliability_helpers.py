@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from grpo_scale.rewards import completion_text
+
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
 
@@ -118,13 +120,14 @@ def text_hash_reward(prompts, completions, **columns):
     return [_text_hash(c) for c in completions]
 
 
-def _text_hash(text: str) -> float:
-    return zlib.crc32(text.encode()) % 1000 / 1000
+def _text_hash(completion) -> float:
+    """Of the completion's text, in either format (a string, or a conversational message list)."""
+    return zlib.crc32(completion_text(completion).encode()) % 1000 / 1000
 
 
-def raises_on_some(completion: str) -> bool:
+def raises_on_some(completion) -> bool:
     """The items flaky_reward fails on: about 3 in 7, decided by the text alone."""
-    return zlib.crc32(completion.encode()) % 7 < 3
+    return zlib.crc32(completion_text(completion).encode()) % 7 < 3
 
 
 def flaky_reward(prompts, completions, **columns):

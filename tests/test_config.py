@@ -45,7 +45,7 @@ def test_every_accelerate_config_parses(path):
 
 @pytest.mark.parametrize("argv, message", [
     (["--learning_rate", "-1"], "learning_rate must be > 0"),
-    (["--epsilon_low", "1.5"], "epsilon_low must be in (0, 1)"),
+    (["--epsilon_low", "1.5"], "epsilon must be in (0, 1)"),
     (["--num_generations", "1"], "num_generations must be >= 2"),
     (["--loss_type", "ppo"], "loss_type must be one of"),
     (["--importance_sampling_level", "seq"], "importance_sampling_level must be"),
@@ -98,3 +98,8 @@ def test_every_field_has_help_and_the_table_lists_it():
 
 def test_parse_cli_bare_flag_and_equals():
     assert parse_cli(["--config", "a.yaml", "--bf16", "--seed=3"]) == ("a.yaml", {"bf16": "true", "seed": "3"})
+
+
+def test_the_readme_table_is_the_generated_one():
+    readme = (ROOT / "README.md").read_text()
+    assert markdown_table() in readme, "regenerate it: python -m grpo_scale.config --markdown"

@@ -89,8 +89,8 @@ def test_missing_optional_library_says_what_to_install(tmp_path, monkeypatch):
     (['{"prompt": "a"}', '["prompt", "b"]'], r"data.jsonl line 2: expected a JSON object .* got list"),
     (['{"prompt": ""}'], r"data.jsonl line 1: 'prompt' is empty; every row needs a question"),
     (['{"prompt": "  \\n "}'], r"data.jsonl line 1: 'prompt' is empty"),
-    (['{"prompt": 7}'], r"data.jsonl line 1: 'prompt' must be a string, got int 7"),
-    (['{"prompt": null}'], r"data.jsonl line 1: 'prompt' must be a string, got NoneType None"),
+    (['{"prompt": 7}'], r"data.jsonl line 1: 'prompt' must be a string or a list of .* messages, got int 7"),
+    (['{"prompt": null}'], r"data.jsonl line 1: 'prompt' must be a string or a list of .* messages, got NoneType None"),
     (['{"prompt": "a", "completions": "b"}'], r"data.jsonl line 1: column 'completions' is reserved"),
     ([], r"data.jsonl: no rows \(the file is empty\)"),
     (["", "  ", ""], r"data.jsonl: no rows \(the file is empty\)"),
@@ -118,7 +118,7 @@ def test_parquet_row_errors_and_damaged_file(tmp_path):
     import pyarrow.parquet as pq
     path = str(tmp_path / "data.parquet")
     pq.write_table(pa.Table.from_pylist([{"prompt": "a"}, {"prompt": None}]), path)
-    with pytest.raises(ValueError, match=r"data.parquet row 2: 'prompt' must be a string, got NoneType"):
+    with pytest.raises(ValueError, match=r"data.parquet row 2: 'prompt' must be a string or a list of .* messages, got NoneType"):
         load_rows(path)
     pq.write_table(pa.Table.from_pylist([{"question": "a"}]), path)
     with pytest.raises(ValueError, match=r"data.parquet row 1: missing 'prompt' column \(columns: question\)"):

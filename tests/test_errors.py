@@ -50,7 +50,7 @@ BROKEN_YAML = "max_steps: 3\nlearning_rate: [1e-5\nseed: 1\n"
     (["--learing_rate", "1e-5"], ["unknown field 'learing_rate'", "did you mean 'learning_rate'"]),
     (["--max_steps", "ten"], ["max_steps expects int, got 'ten'"]),
     (["--learning_rate", "-1e-5"], ["learning_rate must be > 0"]),
-    (["--epsilon_low", "1.2"], ["epsilon_low must be in (0, 1)"]),
+    (["--epsilon", "1.2"], ["epsilon must be in (0, 1)"]),
     (["--num_generations", "1"], ["num_generations must be >= 2"]),
     (["--max_bad_steps", "0"], ["max_bad_steps must be >= 1"]),
     (["--per_device_train_batch_size", "6", "--num_generations", "4"], ["is not divisible by num_generations"]),
@@ -149,8 +149,9 @@ def test_tokenizer_without_chat_template_uses_the_documented_fallback(tmp_path, 
     with caplog.at_level(logging.WARNING, logger="grpo_scale"):
         trainer = make_trainer(plain, tmp_path / "out", "--per_device_train_batch_size", "4", "--max_steps", "1")
     assert "has no chat template" in caplog.text
-    prompt = trainer._render([{"prompt": "Solve 1+2"}])[0]
+    prompt = trainer._render([{"prompt": [{"role": "user", "content": "Solve 1+2"}]}])[0]
     assert prompt.endswith("User: Solve 1+2\nAssistant:") and prompt.startswith(trainer.cfg.system_prompt)
+    assert trainer._render([{"prompt": "Solve 1+2"}])[0] == "Solve 1+2"  # standard format: as it is
     assert torch.isfinite(torch.tensor(trainer.grpo_step(trainer.generate_and_score())["loss"]))
 
 

@@ -117,13 +117,13 @@ def make_adapter(tmp_path) -> Path:
 def test_an_adapter_folder_needs_use_peft_and_a_base(tmp_path):
     adapter = make_adapter(tmp_path)
     with pytest.raises(ConfigError, match="is a LoRA adapter .*set use_peft true"):
-        GRPOConfig(model_name_or_path=str(adapter), use_peft=False).check_paths()
-    GRPOConfig(model_name_or_path=str(adapter), use_peft=True).check_paths()
+        GRPOConfig(model_name_or_path=str(adapter), use_peft=False, output_dir=str(tmp_path / "o")).check_paths()
+    GRPOConfig(model_name_or_path=str(adapter), use_peft=True, output_dir=str(tmp_path / "o")).check_paths()
     config = json.loads((adapter / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = str(tmp_path / "gone")
     (adapter / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(ConfigError, match="the base model of the adapter in .*gone is not a directory"):
-        GRPOConfig(model_name_or_path=str(adapter), use_peft=True).check_paths()
+        GRPOConfig(model_name_or_path=str(adapter), use_peft=True, output_dir=str(tmp_path / "o")).check_paths()
 
 
 def test_continuing_an_adapter_starts_from_it_and_it_is_the_reference(tmp_path):
