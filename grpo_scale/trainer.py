@@ -978,7 +978,8 @@ class GRPOTrainer:
             if g != "all":
                 result[f"accuracy/{g}"] = float(correct[i] / total[i].clamp(min=1))
         for q, text, ans in samples:
-            logger.info("eval sample | %s | expected %s | %r", q, ans, text)
+            question = q[-1]["content"] if is_conversational(q) else q  # the user's last message
+            logger.info("eval sample | %s | expected %s | %r", question, ans, text)
         return result
 
     # ================================================================== training loop
