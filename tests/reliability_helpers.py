@@ -182,3 +182,8 @@ class InfGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         return g * float("inf")
+
+
+def conversational_only_reward(prompts, completions, **columns):
+    """A TRL reward written for conversational data: c[0]["content"]. Raises on string completions."""
+    return [float(len(c[0]["content"])) for c in completions]

@@ -242,3 +242,20 @@ def test_two_ranks_agree_to_skip_and_stop(tmp_path, model_dir):
     assert moved == {1: True, 2: False, 3: False, 4: True, 5: False, 6: False, 7: False}
     assert [r["skipped"] for r in r0["records"]] == [0, 1, 1, 0, 1, 1, 1]
     assert (tmp_path / "out" / "checkpoint-7" / "trainer_state.json").is_file()
+
+
+def test_a_reward_that_always_raises_stops_every_rank(tmp_path, model_dir):
+    """Standard (string) data and a reward written for conversational data: it raises on every item; after
+    reward_fail_steps rollouts all ranks stop together (no hang), with one error naming the function and
+    its exception, exit status 2, and no summary written."""
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Solve {i}+{i}", "answer": str(2 * i)}) + "\n" for i in range(40)))
+    proc = rh.run(["--model_name_or_path", model_dir, *rh.FAST, "--dataset_path", str(data), "--reward_funcs",
+                   "reliability_helpers:conversational_only_reward,format", "--max_steps", "6",
+                   "--reward_fail_steps", "2", "--per_device_train_batch_size", "4",
+                   "--output_dir", str(tmp_path / "out")], ranks=2, timeout=300)
+    # each rank exits 2; the launcher reports its failed ranks and exits 1 (as the README says)
+    assert proc.returncode == 1 and "exitcode  : 2" in proc.stderr, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.stderr.count("error: reward function conversational_only_reward raised on every item for 2 "
+                             "rollouts in a row (TypeError: string indices must be integers") == 1
+    assert not (tmp_path / "out" / "summary.json").exists()
