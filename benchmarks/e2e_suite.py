@@ -166,7 +166,7 @@ def memory_rows(device: str, quick: bool, model: str, name: str, memory_note: st
                 log: Callable[[str], None] = print) -> list[Row]:
     """Peak memory of one step with beta > 0, full fine-tuning vs LoRA (after a warm-up step, so AdamW's
     state exists), the step times, and the ratio LoRA : full."""
-    warmup, steps = (1, 2) if quick else (1, 4)
+    warmup, steps = (1, 1) if quick else (1, 4)
     log("  memory: beta 0.04, full fine-tuning vs LoRA")
     results = run_sides(list(MEMORY_SIDES), model, device, warmup, steps, overrides, log)
     base = _base(name, results["ours-full-beta"]["done"]["settings"])

@@ -37,8 +37,8 @@ LOSS_TYPES = ("dapo", "grpo", "bnpo", "dr_grpo")  # dapo first: the default, and
 # the fused kernel's own tests first: on a cold GPU machine Triton compiles every specialisation once
 KERNEL_TESTS = ["tests/test_grpo_loss.py", "tests/test_fused_linear_grpo_loss.py", "tests/test_reference_loss.py"]
 # --dry-run: a few of the same tests, so the stage's plumbing is exercised in seconds
-DRY_KERNEL_TESTS = ["tests/test_grpo_loss.py::test_grad_scale_and_upstream_gradient",
-                    "tests/test_fused_linear_grpo_loss.py::test_no_grad_gives_the_same_values"]
+DRY_KERNEL_TESTS = ["tests/test_grpo_loss.py::test_empty_batch",
+                    "tests/test_reference_loss.py::test_output_fields_and_types"]
 
 
 def device_of(dry_run: bool) -> str:
@@ -121,7 +121,7 @@ def kernel_points(dry_run: bool):
     for loss_type in LOSS_TYPES[1:]:
         for level in ("token",) if dry_run else ("token", "sequence"):  # the dry run: one level suffices
             out.append((Point("logits", B, T, V, dtype=dtype, level=level, memory=True, modes=("fwd+bwd",),
-                              loss_type=loss_type), {"compile"}))
+                              loss_type=loss_type, time=not dry_run), {"compile"}))
     return out
 
 

@@ -1,10 +1,9 @@
-"""TRL's Python API: the scripts in examples/ run unchanged but for the import (each a subprocess), and
+"""TRL's Python API: the scripts in examples/ run unchanged but for the import (as __main__), and
 the pieces they rely on, in one process: TRL's config names and defaults, what is not supported yet, the
 data formats, and the reward contract (prompts as the data has them, completions in the data's format,
 completion_ids, trainer_state, log_metric, log_extra, async functions, the stop rule)."""
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,36 +18,43 @@ ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED = str(ROOT / "grpo_scale" / "assets" / "tiny-math")
 
 
-def run_example(name: str, out: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([sys.executable, f"examples/{name}.py", str(out)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return proc
+def run_example(name: str, out: Path, capsys, caplog) -> tuple[str, str]:
+    """Run examples/NAME.py as a script (``__main__``, its own argv, from the repository root), in this
+    process; returns (its stdout, its log)."""
+    import runpy
+    argv, cwd = sys.argv, os.getcwd()
+    sys.argv = [f"examples/{name}.py", str(out)]
+    os.chdir(ROOT)
+    try:
+        with caplog.at_level("INFO", logger="grpo_scale"):
+            runpy.run_path(str(ROOT / "examples" / f"{name}.py"), run_name="__main__")
+    finally:
+        sys.argv = argv
+        os.chdir(cwd)
+    return capsys.readouterr().out, caplog.text
 
 
-def test_example_standard_data_with_a_reward_on_an_extra_column(tmp_path):
-    proc = run_example("standard_data", tmp_path)
-    assert "raised" not in proc.stderr  # the reward got its column (a failing reward is logged, not fatal)
+def test_example_standard_data_with_a_reward_on_an_extra_column(tmp_path, capsys, caplog):
+    _, log = run_example("standard_data", tmp_path, capsys, caplog)
+    assert "raised" not in log  # the reward got its column (a failing reward is logged, not fatal)
     from transformers import AutoModelForCausalLM
     assert AutoModelForCausalLM.from_pretrained(tmp_path) is not None  # save_model: plain transformers
 
 
-def test_example_conversational_data_async_reward_and_weights(tmp_path):
-    proc = run_example("conversational_data", tmp_path)
-    assert "sample |" in proc.stderr and "raised" not in proc.stderr  # completion[0]["content"] works
+def test_example_conversational_data_async_reward_and_weights(tmp_path, capsys, caplog):
+    _, log = run_example("conversational_data", tmp_path, capsys, caplog)
+    assert "sample |" in log and "raised" not in log  # completion[0]["content"] works
 
 
-def test_example_model_object_processing_class_peft_and_save_model(tmp_path):
-    proc = run_example("model_object", tmp_path)
-    assert "reloaded Qwen2ForCausalLM" in proc.stdout
-    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+def test_example_model_object_processing_class_peft_and_save_model(tmp_path, capsys, caplog):
+    out, _ = run_example("model_object", tmp_path, capsys, caplog)
+    assert "reloaded Qwen2ForCausalLM" in out
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["r"] == 8  # peft_config used
 
 
-def test_example_reward_model(tmp_path):
-    proc = run_example("reward_model", tmp_path)
-    rewards = json.loads(proc.stdout.split("reward per step:", 1)[1].strip().splitlines()[0])
+def test_example_reward_model(tmp_path, capsys, caplog):
+    out, _ = run_example("reward_model", tmp_path, capsys, caplog)
+    rewards = json.loads(out.split("reward per step:", 1)[1].strip().splitlines()[0])
     assert len(rewards) == 2 and all(r != 0.0 for r in rewards)  # the classifier's logits, not a constant
 
 

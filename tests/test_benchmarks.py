@@ -149,7 +149,7 @@ def test_e2e_suite_steps_our_sides_on_a_random_qwen2(tmp_path):
     assert not by(rows, provider="ours/trl")
     # the memory comparison: a step with beta > 0, full fine-tuning vs LoRA
     peaks = {side: by(rows, provider=side, metric="peak_memory") for side in e2e_suite.MEMORY_SIDES}
-    assert all(len(p) == 1 and p[0].median > 0 and p[0].n == 2 for p in peaks.values())
+    assert all(len(p) == 1 and p[0].median > 0 and p[0].n == 1 for p in peaks.values())
     assert "LoRA" in peaks["ours-lora-beta"][0].note and "full" in peaks["ours-full-beta"][0].note
     (ratio,) = by(rows, provider="lora/full", metric="peak_memory_ratio")
     assert ratio.median == pytest.approx(peaks["ours-lora-beta"][0].median / peaks["ours-full-beta"][0].median)
