@@ -30,6 +30,7 @@ completion that no function scored gets total NaN, and the advantage code gives 
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import logging
@@ -161,7 +162,20 @@ async def _awaited(awaitable):
 
 
 def _accepted(fn) -> set | None:
-    """The keyword names ``fn`` accepts, or None when it takes ``**kwargs`` (or has no signature)."""
+    """The keyword names ``fn`` accepts, or None when it takes ``**kwargs`` (or has no signature); read
+    once per function (the trainer calls it per batch, and per item when a batch raises)."""
+    try:
+        return _accepted_cached(fn)
+    except TypeError:  # an unhashable callable
+        return _signature_names(fn)
+
+
+@functools.lru_cache(maxsize=256)
+def _accepted_cached(fn) -> set | None:
+    return _signature_names(fn)
+
+
+def _signature_names(fn) -> set | None:
     try:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):

@@ -1143,7 +1143,8 @@ class GRPOTrainer:
         with safe_open(str(file), "pt") as f:
             saved = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
         model = self.model  # named as Accelerate names them in save_state (see _keep_trainable)
-        want = {n: list(p.shape) for n, p in model.named_parameters() if n in lora.trainable_names(model)}
+        trainable = lora.trainable_names(model)  # once: not once per parameter
+        want = {n: list(p.shape) for n, p in model.named_parameters() if n in trainable}
         missing, extra = sorted(want.keys() - saved.keys()), sorted(saved.keys() - want.keys())
         reshaped = sorted(k for k in want.keys() & saved.keys() if want[k] != saved[k])
         if missing or extra or reshaped:
