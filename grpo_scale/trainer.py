@@ -26,12 +26,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from grpo_scale import checkpoint as ckpt
 from grpo_scale import lora
 from grpo_scale.config import ConfigError, GRPOConfig, adapter_base, is_adapter_dir
-from grpo_scale.rewards import (call_reward, check_reward_columns, compute_rewards, correctness_reward,
-                                get_reward_funcs)
+from grpo_scale.rewards import call_reward, check_reward_columns, compute_rewards, get_reward_funcs
 from grpo_scale.rollout import (CacheNotRepeatable, Rollout, cache_argument, can_share_prompt, full_inputs,
                                 generate, group_advantages, shared_prompt_inputs)
 from grpo_scale.tasks import ProblemStream, make_eval_set
-from grpo_scale.tasks.prompts import is_conversational, render_messages
+from grpo_scale.tasks.prompts import is_conversational, open_reply, render_messages
 
 logger = logging.getLogger("grpo_scale")
 
@@ -256,6 +255,8 @@ class GRPOTrainer:
         self.history: list[dict] = []        # logged metrics, one dict per logging step
         self.window: list[dict] = []         # per-step metrics not logged yet (logging_steps > 1)
         self.eval_before: Optional[dict] = None
+        self.eval_history: list[dict] = []   # {"step", figures} of every held-out evaluation, for rewards.png
+        self.eval_samples: dict = {}         # "before"/"after": answers to the first held-out prompts (samples.md)
         self.skipped_steps = 0               # steps skipped for a non-finite loss or gradient norm
         self.bad_in_a_row = 0
         self.timings: dict[str, float] = defaultdict(float)
@@ -286,6 +287,21 @@ class GRPOTrainer:
             # >= purge_step in older files), so resumed curves have no duplicate steps.
             self.acc.init_trackers("tensorboard", config=_flat_hparams(self.cfg.to_dict()),
                                    init_kwargs={"tensorboard": {"purge_step": self.step + 1}})
+
+    def setup_for_eval(self) -> None:
+        """What ``evaluate`` needs and nothing more (``python -m grpo_scale.evaluate``): the held-out data,
+        the tokenizer and the model on the device in eval mode; no optimiser, reference model, checkpoint,
+        tracker or output folder. An adapter folder is loaded on its base."""
+        cfg = self.cfg
+        cfg.beta, cfg.gradient_checkpointing, cfg.report_to = 0.0, False, []
+        cfg.use_peft = is_adapter_dir(cfg.resolved_model_path) if self.model_object is None else cfg.use_peft
+        cfg._check_model_path()
+        self._setup_accelerator()
+        self._setup_data()
+        self._setup_model()
+        self.model = self.acc.prepare_model(self.model, evaluation_mode=True)
+        self.model.eval()
+        self.is_set_up = True
 
     def check_inputs(self, num_processes: int = 1) -> None:
         """The checks of ``setup`` that load no model (``train.py --check``): paths, data, rewards."""
@@ -715,6 +731,8 @@ class GRPOTrainer:
         G, W, rank = cfg.num_generations, acc.num_processes, acc.process_index
         local = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
         rows = self.stream.take(local * W // G)          # the same prompts on every rank
+        if cfg.assistant_prefix:  # the reply opened (R1-style '<think>'): rewards see it in the prompt
+            rows = [{**r, "prompt": open_reply(r["prompt"], cfg.assistant_prefix)} for r in rows]
         slots = [row for row in rows for _ in range(G)]   # global completion slots, groups consecutive
         mine = slots[rank * local:(rank + 1) * local]
         t0 = time.perf_counter()
@@ -933,54 +951,48 @@ class GRPOTrainer:
         return self.loss_fn(logits, *args, inplace=self.loss_impl == "triton", **kwargs)
 
     # ================================================================== evaluation
+    SAMPLES_SHOWN = 6  # held-out prompts shown before and after training in samples.md
+
     @torch.no_grad()
-    def evaluate(self) -> dict:
-        """Greedy accuracy on the held-out set, judged by the correctness reward (all ranks share the work).
-        Rows whose expected answer is missing or unreadable are left out of the figure; with none left
-        (data without an ``answer`` column) accuracy is None and no generation runs."""
+    def evaluate(self, num_samples: int = 1, records: list | None = None, progress: bool = False) -> dict:
+        """Held-out figures (``grpo_scale.evaluate``): greedy strict accuracy (the correctness reward) as
+        ``accuracy``, lenient accuracy, format rate and completion length, overall and per task family and
+        level; all ranks share the work. Rows whose expected answer is missing or unreadable are left out;
+        with none left (data without an ``answer`` column) the figures are None and no generation runs.
+        ``records`` receives this rank's answers (see ``grpo_scale.evaluate.run``)."""
+        from grpo_scale import evaluate as evaluation
         if not self.is_set_up:
             self.setup()
         cfg, acc = self.cfg, self.acc
+        empty = {"accuracy": None, "accuracy_lenient": None, "format_rate": None, "completion_length": None, "n": 0}
         if not self.eval_rows:
-            return {"accuracy": None}
+            return empty
         if not any(r.get("answer") is not None for r in self.eval_rows):
             if not getattr(self, "_said_no_answer", False) and acc.is_main_process:
                 logger.warning("the held-out data has no 'answer' column: held-out accuracy is not computed (the "
                                "correctness reward needs one); summary.json reports null")
             self._said_no_answer = True
-            return {"accuracy": None}
+            return empty
         rows = self.eval_rows[acc.process_index::acc.num_processes]
-        groups = sorted({r.get("task", "all") for r in self.eval_rows})
-        correct = torch.zeros(len(groups) + 1, device=acc.device)
-        total = torch.zeros(len(groups) + 1, device=acc.device)
-        samples = []
+        mine = [] if records is None else records
+        reduce = (lambda t: acc.reduce(t.to(acc.device), "sum").cpu()) if acc.num_processes > 1 else None
         with self.unwrapped_for_generation() as model:
-            for s in range(0, len(rows), cfg.eval_batch_size):
-                chunk = rows[s:s + cfg.eval_batch_size]
-                ro = generate(model, self.tokenizer, self._render(chunk), max_prompt_length=cfg.max_prompt_length,
-                              max_new_tokens=cfg.max_completion_length, do_sample=False,
-                              share_prompt=False)  # held-out questions are distinct: nothing to share
-                answers = [r.get("answer") for r in chunk]
-                scores = correctness_reward(ro.prompts, ro.completions, answer=answers)
-                for r, sc, text in zip(chunk, scores, ro.completions):
-                    if sc is None:  # no readable expected answer: not part of the figure
-                        continue
-                    g = groups.index(r.get("task", "all"))
-                    correct[g] += float(sc)
-                    correct[-1] += float(sc)
-                    total[g] += 1
-                    total[-1] += 1
-                    if len(samples) < 3:
-                        samples.append((r["prompt"], text, r.get("answer")))
-        correct, total = acc.reduce(correct, "sum"), acc.reduce(total, "sum")
-        result = {"accuracy": float(correct[-1] / total[-1].clamp(min=1))}
-        for i, g in enumerate(groups):
-            if g != "all":
-                result[f"accuracy/{g}"] = float(correct[i] / total[i].clamp(min=1))
-        for q, text, ans in samples:
-            question = q[-1]["content"] if is_conversational(q) else q  # the user's last message
-            logger.info("eval sample | %s | expected %s | %r", question, ans, text)
+            result = evaluation.run(
+                model, self.tokenizer, rows, self._render, all_rows=self.eval_rows, batch_size=cfg.eval_batch_size,
+                max_prompt_length=cfg.max_prompt_length, max_new_tokens=cfg.max_completion_length,
+                assistant_prefix=cfg.assistant_prefix, num_samples=num_samples, temperature=cfg.temperature,
+                top_p=cfg.top_p, top_k=cfg.top_k, reduce=reduce, records=mine, progress=progress)
+        self._last_eval_records = mine[:self.SAMPLES_SHOWN]
+        for r in mine[:3]:
+            logger.info("eval sample | %s | expected %s | %r", r["question"], r["answer"], r["completions"][0])
         return result
+
+    def _record_eval(self, when: str, result: dict) -> None:
+        """Keep an evaluation for rewards.png (held-out accuracy against the step) and samples.md."""
+        self.eval_history.append({"step": self.step, **result})
+        if when in ("before", "after"):
+            self.eval_samples[when] = getattr(self, "_last_eval_records", [])
+        self.acc.log({f"eval/{k}": v for k, v in result.items() if v is not None}, step=self.step)
 
     # ================================================================== training loop
     def train(self) -> dict:
@@ -1020,14 +1032,14 @@ class GRPOTrainer:
             if cfg.eval_strategy == "steps" and due(cfg.eval_steps) and self.step < cfg.max_steps:
                 ev = self.evaluate()
                 logger.info("eval at step %d: %s", self.step, ev)
-                acc.log({f"eval/{k}": v for k, v in ev.items() if v is not None}, step=self.step)
+                self._record_eval("during", ev)
             if cfg.save_strategy == "steps" and due(cfg.save_steps):
                 self.save_checkpoint()
         bar.close()
         train_seconds = time.perf_counter() - t_train
         after = self.evaluate()
         logger.info("eval after training: %s", after)
-        acc.log({f"eval/{k}": v for k, v in after.items() if v is not None}, step=self.step)
+        self._record_eval("after", after)
         last = self.history[-max(1, 10 // cfg.logging_steps):] if self.history else []
         summary = {
             "steps": self.step, "wall_seconds": time.perf_counter() - wall0, "train_seconds": train_seconds,
@@ -1048,7 +1060,7 @@ class GRPOTrainer:
             return self.eval_before
         self.eval_before = self.evaluate()
         logger.info("eval before training: %s", self.eval_before)
-        self.acc.log({f"eval/{k}": v for k, v in self.eval_before.items() if v is not None}, step=self.step)
+        self._record_eval("before", self.eval_before)
         return self.eval_before
 
     def _log_window(self, rollout: Rollout) -> None:
@@ -1075,7 +1087,8 @@ class GRPOTrainer:
     def _trainer_state(self) -> dict:
         """Everything besides Accelerate's state that a resumed run needs to continue exactly."""
         return {"step": self.step, "data": self.stream.state_dict(), "history": self.history,
-                "window": self.window, "eval_before": self.eval_before, "skipped_steps": self.skipped_steps,
+                "window": self.window, "eval_before": self.eval_before,
+                "eval_history": self.eval_history, "eval_samples": self.eval_samples, "skipped_steps": self.skipped_steps,
                 "bad_in_a_row": self.bad_in_a_row, "num_processes": self.acc.num_processes,
                 "zero_stage": self.zero_stage, "seed": self.cfg.seed, "config": self.cfg.to_dict()}
 
@@ -1116,6 +1129,8 @@ class GRPOTrainer:
         self.history = state["history"]
         self.window = state.get("window", [])
         self.eval_before = state.get("eval_before")
+        self.eval_history = state.get("eval_history", [])
+        self.eval_samples = state.get("eval_samples", {})
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.bad_in_a_row = int(state.get("bad_in_a_row", 0))
         saved_cfg, now = state.get("config", {}), self.cfg.to_dict()
@@ -1155,13 +1170,17 @@ class GRPOTrainer:
                               "run that wrote it")
 
     def save(self, summary: dict) -> None:
-        """OUTPUT_DIR/final (HF format, safetensors; with LoRA the merged model, and OUTPUT_DIR/adapter) and
-        OUTPUT_DIR/summary.json (strict JSON); ends training (trackers closed). Collective."""
+        """OUTPUT_DIR/final (HF format, safetensors; with LoRA the merged model, and OUTPUT_DIR/adapter),
+        OUTPUT_DIR/summary.json (strict JSON), rewards.png and samples.md (``grpo_scale.report``); ends
+        training (trackers closed). Collective."""
+        from grpo_scale import report
         acc = self.acc
         out = Path(self.cfg.output_dir)
         self._write_model(out / "final", out / "adapter")
         if acc.is_main_process:
             (out / "summary.json").write_text(json.dumps(strict_json(summary), indent=1, allow_nan=False))
+            for path in report.write_reports(out, self, summary):
+                logger.info("wrote %s", path)
         acc.wait_for_everyone()
         acc.end_training()
 

@@ -7,8 +7,10 @@ import time
 import pytest
 import torch
 
-from grpo_scale.rewards import (check_reward_columns, compute_rewards, correctness_reward, extract_answer,
-                                format_reward, get_reward_funcs, required_columns)
+from grpo_scale.rewards import (check_reward_columns, compute_rewards, correctness_lenient_reward, correctness_reward,
+                                extract_answer, format_graded_reward, format_reward, get_reward_funcs,
+                                lenient_answer, required_columns)
+from grpo_scale.safe_math import is_simplified
 from grpo_scale.tasks.synthetic import make_eval_set
 
 NAN = math.nan
@@ -69,7 +71,9 @@ def test_correct_answers_of_every_synthetic_task_score_one():
 @pytest.mark.parametrize("given,expected,score", [
     ("-59", "-59", 1.0), ("- 59", "-59", 1.0), ("-59.0", "-59", 1.0), ("\u221259", "-59", 1.0),
     ("3x^2 + 9x + 6", "3x^2+9x+6", 1.0), ("3*x**2+9*x+6", "3x^2+9x+6", 1.0), ("6+9x+3x^2", "3x^2+9x+6", 1.0),
-    ("3(x+1)(x+2)", "3x^2+9x+6", 1.0),  # unexpanded but equal: correctness judges the value only
+    # equal in value but not worked out: restating the question is no answer (simplest form only)
+    ("3(x+1)(x+2)", "3x^2+9x+6", 0.0), ("3*x^2 + 4*x + 5*x + 6", "3x^2+9x+6", 0.0), ("1-17", "-16", 0.0),
+    ("78-(3*(47-2)+2)", "-59", 0.0), ("59*(-1)", "-59", 0.0),
     ("3*x^2 + 9*x + 2", "3x^2+9x+6", 0.0), ("x^2 + 3x + 2", "3x^2+9x+6", 0.0),  # the origin's wrong answers
     ("The final answer is -57", "-57", 0.0),  # only a bare expression counts
     ("-57", "-59", 0.0), ("x = -59", "-59", 0.0), ("$-59$", "-59", 0.0), ("", "-59", 0.0),
@@ -113,6 +117,17 @@ def test_hostile_answers_score_zero_quickly():
     assert elapsed < 0.5, f"{elapsed:.3f} s"
 
 
+@pytest.mark.parametrize("text,simplified", [
+    ("-16", True), ("+5", True), ("- 5", True), ("-59.0", True), ("3x^2+9x+6", True), ("6+9x+3x²", True),
+    ("3*x**2 + 9*x + 6", True), ("x", True), ("2*x", True), ("-x^2 - 1", True), ("x^0", True),
+    ("1-17", False), ("3*(x+1)*(x+2)", False), ("2x+3x", False), ("x^2x", False), ("5*3", False), ("x*2", False),
+    ("2/3", False), ("3x^2+", False), ("--5", False), ("", False), ("1e3", False), ("x^y", False), ("x^2.5", False),
+    ("1" * 300, False), (None, False),
+])
+def test_simplest_form(text, simplified):
+    assert is_simplified(text) is simplified
+
+
 def test_answer_list_must_match_completions():
     with pytest.raises(ValueError, match="2 answers for 1 completions"):
         correctness_reward(["p"], ["c"], answer=["1", "2"])
@@ -154,7 +169,7 @@ def test_user_function_in_a_package(user_dir):
 
 
 @pytest.mark.parametrize("files,names,message", [
-    ({}, ["correctness", "nope"], r"reward_funcs\[1\]: unknown reward 'nope'; built-ins are \['correctness', 'format'\]"),
+    ({}, ["correctness", "nope"], r"reward_funcs\[1\]: unknown reward 'nope'; built-ins are \['correctness', 'correctness_lenient', 'format', 'format_graded'\]"),
     ({}, ["missing_mod_c:f"], r"reward_funcs\[0\]: cannot import module 'missing_mod_c'.*missing_mod_c\.py"),
     ({"mod_d.py": "def g(**kw): return []\n"}, ["format", "mod_d:bar"],
      r"reward_funcs\[1\]: module 'mod_d' has no function 'bar'"),
@@ -264,3 +279,86 @@ def test_bad_results_and_arguments_raise(funcs, weights, columns, message):
 def test_empty_batch():
     per_func, total = compute_rewards([format_reward], None, [], [], {})
     assert per_func.shape == (0, 1) and total.shape == (0,)
+
+
+# ----------------------------------------------------------------------------- rewards for a model new to the format
+OPENED = [{"role": "user", "content": "Solve 10+5"}, {"role": "assistant", "content": "<think>"}]
+
+
+@pytest.mark.parametrize("completion,graded", [
+    ("<think>a</think><answer>15</answer>", 1.0),
+    ("  <think>a</think>\n <answer> 15 </answer>\n", 1.0),   # whitespace around and between is fine
+    ("<think>a</think><answer>15</answer> and more", 0.75),   # text after </answer>
+    ("<think>a</think><answer>15", 0.75),                      # the answer never closed
+    ("<think>a</think><answer></answer>", 0.75),              # an empty answer
+    ("<think>a</think> so <answer>15</answer>", 0.75),         # text between the blocks: check 3 fails
+    ("<think>a</think> 15", 0.5),
+    ("a</think><answer>15</answer>", 0.25),                    # no <think>: checks 1-3 fail (2 and 3 build on it)
+    ("<think>a <answer>15</answer>", 0.5),                     # no </think>: checks 2 and 3 fail
+    ("The answer is 15.", 0.0), ("", 0.0),
+    ("<think>a</think><think>b</think><answer>15</answer>", 0.25),  # think tags twice: checks 1-3 fail
+])
+def test_format_graded_by_hand(completion, graded):
+    assert format_graded_reward(["p"], [completion]) == [graded]
+    assert format_reward(["p"], [completion]) == [1.0 if graded == 1.0 else 0.0]
+
+
+def test_format_graded_is_one_exactly_when_format_is(seed=0):
+    import random
+    rng = random.Random(seed)
+    pieces = ["<think>", "</think>", "<answer>", "</answer>", "15", " ", "\n", "x"]
+    for _ in range(3000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randrange(9)))
+        assert (format_graded_reward(["p"], [text])[0] == 1.0) == (format_reward(["p"], [text])[0] == 1.0), text
+
+
+def test_builtins_judge_the_opened_reply():
+    """An R1-style prompt opens the reply with <think>: the completion continues it, and the built-ins
+    judge the two together (TRL's rule: a conversation ending with the assistant is continued)."""
+    completion = "10+5 = 15</think><answer>15</answer>"
+    assert format_reward([OPENED], [completion]) == [1.0]
+    assert format_graded_reward([OPENED], [completion]) == [1.0]
+    assert format_reward(["Solve 10+5"], [completion]) == [0.0]  # nothing opened: <think> is missing
+    conversational = [{"role": "assistant", "content": completion}]
+    assert correctness_reward([OPENED], [conversational], answer=["15"]) == [1.0]
+
+
+@pytest.mark.parametrize("reply,value", [
+    ("<answer>-57</answer>", -57),
+    ("<answer> The final answer is -57 </answer>", -57),        # the origin's own "before" sample
+    ("<answer>-57.</answer>", -57), ("<answer>$-57$</answer>", -57), ("<answer>\\boxed{-57}</answer>", -57),
+    ("<answer>7 + 18 = 25</answer>", 25),                       # what follows the last '='
+    ("<think>7+18</think> The final result is 7 + 18 = 25.", 25),  # no answer block: after </think>
+    ("The answer is 19.\n\nSo, the solution is 19.", 19),       # the last expression in prose
+    ("<think>a</think><answer>x = 3x^2+9x+6", "3x^2+9x+6"),      # an unclosed answer block
+    ("The expansion is 3x^2 + 9x + 6.", "3x^2+9x+6"),            # 'x' inside a word is not the variable
+    ("The answer is 1-17.", None),                              # restating the question is still no answer
+    ("<answer>1-17</answer>", None), ("no number here", None), ("", None), (None, None),
+])
+def test_lenient_answer_rules(reply, value):
+    from grpo_scale.safe_math import parse_polynomial
+    expected = None if value is None else parse_polynomial(str(value))
+    assert lenient_answer(reply) == expected
+
+
+def test_lenient_correctness_counts_the_skill_apart_from_the_format():
+    completions = ["<think>a</think><answer>15</answer>", "The final result is 10 + 5 = 15.",
+                   "<think>a</think><answer>The answer is 15</answer>", "The answer is 16.", "The answer is 10+5."]
+    assert correctness_lenient_reward(["p"] * 5, completions, answer=["15"] * 5) == [1.0, 1.0, 1.0, 0.0, 0.0]
+    assert correctness_reward(["p"] * 5, completions, answer=["15"] * 5) == [1.0, 0.0, 0.0, 0.0, 0.0]
+    assert correctness_lenient_reward(["p"], ["15"], answer=["not math"]) == [None]
+
+
+def test_lenient_reading_is_bounded():
+    hostile = ["(" * 100_000, "9" * 100_000 + "=", "= " * 50_000, "x" * 1_000_000, "1-" * 200_000 + "1",
+               "<answer>" * 20_000 + "1" + "</answer>" * 20_000]
+    t0 = time.perf_counter()
+    scores = correctness_lenient_reward(["p"] * len(hostile), hostile, answer=["-59"] * len(hostile))
+    elapsed = time.perf_counter() - t0
+    assert scores == [0.0] * len(hostile)
+    assert elapsed < 1.0, f"{elapsed:.3f} s"
+
+
+def test_new_builtins_by_name():
+    assert get_reward_funcs(["format_graded", "correctness_lenient"]) == [format_graded_reward,
+                                                                         correctness_lenient_reward]

