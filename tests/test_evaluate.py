@@ -107,3 +107,21 @@ def test_scores_and_tally_by_hand():
     assert "accuracy/polynomial" not in result  # no scorable row: left out, not 0
     assert "| arithmetic/level2 | 0.500 | 1.000 | 0.500 | 1.000 |" in format_table(result)
     assert Tally(rows).result()["accuracy"] is None
+
+
+def test_the_inference_example_answers_as_the_evaluation_did(trained, tmp_path, capsys):
+    """examples/inference.py (plain transformers, the run's own prompt settings from summary.json) gives
+    the greedy answer the evaluation recorded for the same question."""
+    import runpy
+    out, _ = trained
+    assert evaluate_cli("--model", str(out / "final"), "--n", "3", "--output", str(tmp_path / "e.json")).returncode == 0
+    answers = json.loads((tmp_path / "e.json").read_text())["answers"]
+    capsys.readouterr()
+    argv = sys.argv
+    for a in answers:
+        sys.argv = ["examples/inference.py", str(out), a["question"]]
+        try:
+            runpy.run_path(str(ROOT / "examples" / "inference.py"), run_name="__main__")
+        finally:
+            sys.argv = argv
+        assert capsys.readouterr().out.strip() == a["completions"][0].strip()
