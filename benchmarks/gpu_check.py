@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -184,23 +185,26 @@ def stage_e2e(out: Path, dry_run: bool) -> int:
         rows.append(Row(benchmark="e2e", provider="flash", shape="", metric="steps_per_s", unit="1/s",
                         status=f"skipped: {why}"))
     folder = tempfile.mkdtemp(prefix="gpu-check-model-")
-    if dry_run:  # tiny, so that the stage runs in seconds on a CPU
-        from transformers import AutoTokenizer
-        vocab = len(AutoTokenizer.from_pretrained(e2e_suite.EMBEDDED))
-        model = e2e_suite.build_random_model(folder, e2e_suite.EMBEDDED, hidden_size=32, intermediate_size=64,
-                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                             vocab_size=vocab)
-        name = "qwen2-tiny-random"
-        overrides = ["--max_completion_length", "6", "--per_device_train_batch_size", "8", "--num_generations", "4"]
-        warmup, steps = 1, 1
-    else:
-        model = e2e_suite.build_random_model(folder, e2e_suite.EMBEDDED)
-        name = "qwen2.5-0.5b-random"
-        overrides = ["--loss_impl", "auto", "--max_completion_length", "256"]
-        warmup, steps = 1, 2
-    overrides = ["--top_k", "50", "--beta", "0.04", "--share_prompt", "true", *overrides]
-    sides = e2e_sides(flash)
-    results = e2e_suite.run_sides(list(sides), str(model), device, warmup, steps, overrides, side_overrides=sides)
+    try:
+        if dry_run:  # tiny, so that the stage runs in seconds on a CPU
+            from transformers import AutoTokenizer
+            vocab = len(AutoTokenizer.from_pretrained(e2e_suite.EMBEDDED))
+            model = e2e_suite.build_random_model(folder, e2e_suite.EMBEDDED, hidden_size=32, intermediate_size=64,
+                                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                 vocab_size=vocab)
+            name = "qwen2-tiny-random"
+            overrides = ["--max_completion_length", "6", "--per_device_train_batch_size", "8", "--num_generations", "4"]
+            warmup, steps = 1, 1
+        else:
+            model = e2e_suite.build_random_model(folder, e2e_suite.EMBEDDED)
+            name = "qwen2.5-0.5b-random"
+            overrides = ["--loss_impl", "auto", "--max_completion_length", "256"]
+            warmup, steps = 1, 2
+        overrides = ["--top_k", "50", "--beta", "0.04", "--share_prompt", "true", *overrides]
+        sides = e2e_sides(flash)
+        results = e2e_suite.run_sides(list(sides), str(model), device, warmup, steps, overrides, side_overrides=sides)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)  # the random model's weights
     settings = results[next(iter(sides))]["done"]["settings"]
     base = e2e_suite._base(name, settings)
     note = "max_memory_allocated" if device == "cuda" else "process resident set size"
