@@ -15,7 +15,10 @@ with ``completion_length`` (mean tokens, EOS included) beside them, overall and 
 (``accuracy/arithmetic/level1``). The trainer's before and after figures come from ``run`` with the
 same batching (``eval_batch_size`` prompts per generate call), so on one process this command reproduces a
 run's ``eval_accuracy_after`` exactly when given the run's config (the command reads the run's
-``summary.json`` next to ``final/`` when ``--config`` is not given).
+``summary.json`` next to ``final/`` when ``--config`` is not given). For a LoRA run, give ``adapter/``:
+``final/`` holds the merged weights, whose rounding differs from the adapter's, so a greedy answer can
+differ. A multi-process run splits the held-out set over its ranks, so its batches, and rarely its greedy
+answers, differ from one process's.
 """
 from __future__ import annotations
 
@@ -163,6 +166,8 @@ def _parser() -> argparse.ArgumentParser:
 def _run_config(model: str) -> dict | None:
     """The config a run was trained with: summary.json in the folder above ``final/`` or ``adapter/``."""
     folder = Path(model)
+    if not folder.is_dir():  # embedded:NAME, a .gguf file, a Hub name: no run folder around it
+        return None
     for summary in (folder.parent / "summary.json", folder / "summary.json"):
         if summary.is_file():
             try:

@@ -19,6 +19,7 @@ the folder directly.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import logging
@@ -91,6 +92,13 @@ def cache_root() -> Path:
 
 
 def file_digest(path: Path) -> str:
+    """The file's SHA-256, computed once per process for a given path, size and modification time."""
+    st = os.stat(path)
+    return _digest(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _digest(path: str, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
@@ -135,9 +143,15 @@ def convert_gguf(gguf: Path, out: Path) -> None:
         raise ModelSourceError(f"{gguf}: dequantised weights do not match the architecture (missing "
                                f"{sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]})")
     model.tie_weights()
-    model.generation_config = loaded.generation_config
-    model.save_pretrained(out, safe_serialization=True)
+    # Written by hand, not with save_pretrained: under torch.distributed, transformers writes weights from
+    # rank 0 only, and any rank may be the one that converts.
+    from safetensors.torch import save_model
+    config.save_pretrained(out)
+    loaded.generation_config.save_pretrained(out)
+    save_model(model, str(out / "model.safetensors"), metadata={"format": "pt"})  # tied tensors stored once
     tokenizer.save_pretrained(out)
+    if not (out / "config.json").is_file():
+        raise ModelSourceError(f"{gguf}: converting it wrote no config.json into {out}")
     (out / "SOURCE").write_text(f"dequantised to fp32 from {gguf.name} (sha256 {file_digest(gguf)})\n")
 
 

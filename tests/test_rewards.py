@@ -104,6 +104,7 @@ def test_unreadable_expected_answers_are_missing(expected, score):
 def test_numeric_expected_answers_compare_exactly():
     assert correctness_reward(["p"], [wrap("0.1")], answer=[0.1]) == [1.0]  # 0.1 means 1/10 here
     assert correctness_reward(["p"], [wrap("1/3")], answer=[1 / 3]) == [0.0]  # a float is not 1/3
+    assert correctness_reward(["p"], [wrap("1/3")], answer=["1/3"]) == [1.0]  # a fraction is an answer
 
 
 def test_hostile_answers_score_zero_quickly():
@@ -121,7 +122,8 @@ def test_hostile_answers_score_zero_quickly():
     ("-16", True), ("+5", True), ("- 5", True), ("-59.0", True), ("3x^2+9x+6", True), ("6+9x+3x²", True),
     ("3*x**2 + 9*x + 6", True), ("x", True), ("2*x", True), ("-x^2 - 1", True), ("x^0", True),
     ("1-17", False), ("3*(x+1)*(x+2)", False), ("2x+3x", False), ("x^2x", False), ("5*3", False), ("x*2", False),
-    ("2/3", False), ("3x^2+", False), ("--5", False), ("", False), ("1e3", False), ("x^y", False), ("x^2.5", False),
+    ("2/3", True), ("-1/3x^2 + 1/2", True), ("2/1", False), ("2/0", False), ("2.5/3", False), ("x/2", False),
+    ("1/2/3", False), ("3x^2+", False), ("--5", False), ("", False), ("1e3", False), ("x^y", False), ("x^2.5", False),
     ("1" * 300, False), (None, False),
 ])
 def test_simplest_form(text, simplified):
@@ -351,6 +353,7 @@ def test_lenient_correctness_counts_the_skill_apart_from_the_format():
 
 def test_lenient_reading_is_bounded():
     hostile = ["(" * 100_000, "9" * 100_000 + "=", "= " * 50_000, "x" * 1_000_000, "1-" * 200_000 + "1",
+               " " * 500 + "x" * 499 + "a", "(" * 500 + "x" * 499 + "b", "$" * 999 + "1", "\\boxed{" * 150,
                "<answer>" * 20_000 + "1" + "</answer>" * 20_000]
     t0 = time.perf_counter()
     scores = correctness_lenient_reward(["p"] * len(hostile), hostile, answer=["-59"] * len(hostile))

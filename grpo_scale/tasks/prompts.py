@@ -21,8 +21,9 @@ def is_conversational(prompt) -> bool:
 def open_reply(prompt, prefix: str | None):
     """The prompt with the assistant's reply opened by ``prefix`` (``assistant_prefix``, such as
     ``<think>``): a conversation gets a final assistant message, which the template continues (TRL's rule
-    for a conversation that ends with the assistant); a string prompt gets the text appended. A
-    conversation that already ends with the assistant, or an empty prefix, leaves the prompt as it is."""
+    for a conversation that ends with the assistant); a string prompt gets the text appended (the trainer
+    refuses that combination, since rewards could not see the prefix). A conversation that already ends
+    with the assistant, or an empty prefix, leaves the prompt as it is."""
     if not prefix:
         return prompt
     if is_conversational(prompt):
