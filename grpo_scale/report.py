@@ -9,6 +9,7 @@ from pathlib import Path
 from grpo_scale.models import describe
 
 CURVES = (("accuracy", "strict accuracy"), ("accuracy_lenient", "lenient accuracy"), ("format_rate", "format rate"))
+STYLES = {"accuracy": "-", "accuracy_lenient": "--", "format_rate": ":"}  # lenient often equals strict: dashed on top
 
 
 def key_settings(cfg) -> str:
@@ -39,7 +40,7 @@ def write_rewards_png(path: Path, history: list[dict], eval_history: list[dict],
     for key, label in CURVES:
         points = [(e["step"], e[key]) for e in ev if e.get(key) is not None]
         if points:
-            right.plot(*zip(*points), marker="o", label=label)
+            right.plot(*zip(*points), marker="o", linestyle=STYLES[key], label=label)
     right.set(xlabel="step", ylabel="held-out (greedy)", ylim=(-0.02, 1.02),
               title=f"held-out, {ev[-1].get('n', 0) if ev else 0} problems")
     right.grid(alpha=0.3)
@@ -51,13 +52,11 @@ def write_rewards_png(path: Path, history: list[dict], eval_history: list[dict],
     plt.close(fig)
 
 
-def _cell(text, code: bool = True) -> str:
-    """Text inside a Markdown table cell: one line (newlines shown as \\n), pipes escaped; as code by
-    default, so that tags show as written."""
+def _cell(text) -> str:
+    """Text inside a Markdown table cell, as code so that tags show as written: one line (newlines shown
+    as \\n), pipes escaped."""
     text = "" if text is None else str(text)
     text = text.replace("\r", "").replace("\n", "\\n").replace("|", "\\|")
-    if not code:
-        return text.replace("<", "&lt;").replace(">", "&gt;") or "(empty)"
     return "`" + text.replace("`", "'") + "`" if text.strip() else "(empty)"
 
 

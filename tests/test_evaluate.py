@@ -37,7 +37,7 @@ def evaluate_cli(*args):
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     proc = run(FAST + ["--model_name_or_path", tiny_model_path(), "--output_dir", str(out), "--max_steps", "2",
-                       "--eval_size", "24", "--eval_batch_size", "5", "--max_completion_length", "40",
+                       "--eval_size", "16", "--eval_batch_size", "5", "--max_completion_length", "32",
                        "--task_level", "1,2", "--task_mix", "arithmetic=0.5,polynomial=0.5", "--report_to", "none"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, json.loads((out / "summary.json").read_text())
@@ -46,13 +46,13 @@ def trained(tmp_path_factory):
 def test_the_command_reproduces_a_runs_after_figures_exactly(trained, tmp_path):
     """One process, the run's settings read from its summary.json: every figure equal, per family and level."""
     out, summary = trained
-    proc = evaluate_cli("--model", str(out / "final"), "--n", "24", "--output", str(tmp_path / "e.json"))
+    proc = evaluate_cli("--model", str(out / "final"), "--n", "16", "--output", str(tmp_path / "e.json"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     written = json.loads((tmp_path / "e.json").read_text())
     assert written["metrics"] == summary["eval_after"]
     assert {"accuracy/arithmetic/level1", "accuracy_lenient/polynomial/level2", "format_rate/arithmetic"} <= \
         set(written["metrics"])
-    assert len(written["answers"]) == 24 and all(a["completions"] for a in written["answers"])
+    assert len(written["answers"]) == 16 and all(a["completions"] for a in written["answers"])
     assert "| all | " in proc.stdout and "| arithmetic/level1 | " in proc.stdout
     assert f"{summary['eval_after']['accuracy']:.3f}" in proc.stdout
 
@@ -125,3 +125,31 @@ def test_the_inference_example_answers_as_the_evaluation_did(trained, tmp_path, 
         finally:
             sys.argv = argv
         assert capsys.readouterr().out.strip() == a["completions"][0].strip()
+
+
+def test_reports_by_hand(tmp_path):
+    """samples.md: the same questions side by side, cells escaped onto one line; rewards.png: drawn from
+    the logged history and the held-out evaluations."""
+
+    from grpo_scale.config import GRPOConfig
+    from grpo_scale.report import samples_markdown, write_rewards_png
+    cfg = GRPOConfig(assistant_prefix="<think>", output_dir=str(tmp_path))
+    s1 = {"strict": 1.0, "lenient": 1.0, "format": 1.0}
+    s0 = {"strict": 0.0, "lenient": 1.0, "format": 1.0}
+    before = [{"question": "Solve 2+8", "answer": "10", "completions": ["2+8 = 10 | ten\nso</think><answer>10 </answer>"],
+               "scores": [s0]}, {"question": "only before", "answer": "1", "completions": ["x"], "scores": [s0]}]
+    after = [{"question": "Solve 2+8", "answer": "10", "completions": ["2+8 = 10</think><answer>10</answer>"],
+              "scores": [s1]}]
+    summary = {"steps": 3, "wall_seconds": 12.0, "eval_before": {"accuracy": 0.25, "accuracy_lenient": 0.5,
+                                                                  "format_rate": 1.0}, "eval_after": {"accuracy": 0.5}}
+    text = samples_markdown(before, after, summary, cfg)
+    row = [line for line in text.splitlines() if line.startswith("| `Solve 2+8`")]
+    assert row == ["| `Solve 2+8` | `10` | `<think>2+8 = 10 \\| ten\\nso</think><answer>10 </answer>`<br>*right number, "
+                   "wrong form* | `<think>2+8 = 10</think><answer>10</answer>`<br>*correct* |"]
+    assert "only before" not in text and "| strict accuracy | 0.250 | 0.500 |" in text
+    assert "| format rate | 1.000 | n/a |" in text
+    history = [{"step": s, "reward/correctness": 0.1 * s, "reward/format": 1.0, "reward/mean": 0.2 * s} for s in (1, 2, 3)]
+    evals = [{"step": 0, "accuracy": 0.25, "accuracy_lenient": 0.5, "format_rate": 1.0, "n": 4},
+             {"step": 3, "accuracy": 0.5, "accuracy_lenient": 0.5, "format_rate": 1.0, "n": 4}]
+    write_rewards_png(tmp_path / "rewards.png", history, evals, ["correctness", "format"], cfg)
+    assert (tmp_path / "rewards.png").read_bytes()[:4] == b"\x89PNG"
