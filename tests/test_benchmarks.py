@@ -136,7 +136,9 @@ def test_e2e_suite_steps_our_sides_on_a_random_qwen2(tmp_path):
     model = e2e_suite.build_random_model(tmp_path / "qwen2-small", e2e_suite.EMBEDDED, hidden_size=32,
                                          intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                                          num_key_value_heads=2, vocab_size=vocab)
-    rows = e2e_suite.run_suite("cpu", quick=True, model=str(model), with_trl=False, log=quiet,
+    # the memory sides' workers (full and LoRA, beta > 0) run in the GPU check's dry run
+    # (tests/test_gpu_check.py); their rows are checked by hand below
+    rows = e2e_suite.run_suite("cpu", quick=True, model=str(model), with_trl=False, log=quiet, with_memory=False,
                                overrides=["--max_completion_length", "6", "--per_device_train_batch_size", "8",
                                           "--num_generations", "4"])
     for side in ("ours", "ours-unshared"):
@@ -147,9 +149,21 @@ def test_e2e_suite_steps_our_sides_on_a_random_qwen2(tmp_path):
         assert 1 <= length.median <= 6
     assert rows[0].shape.startswith("qwen2-small: 2 prompts x 4 completions")
     assert not by(rows, provider="ours/trl")
-    # the memory comparison: a step with beta > 0, full fine-tuning vs LoRA
+    assert not by(rows, metric="peak_memory_ratio")
+
+
+def test_memory_rows_of_full_and_lora(monkeypatch):
+    """The memory comparison's rows (peak memory and time per side, the LoRA : full ratio) from the
+    workers' step records, given here by hand."""
+    settings = {"per_device_train_batch_size": 8, "num_generations": 4, "max_completion_length": 6,
+                "importance_sampling_level": "token", "bf16": False}
+    canned = {"ours-full-beta": {"steps": [{"peak_memory": 400 * 2**20, "step_s": 2.0}], "done": {"settings": settings}},
+              "ours-lora-beta": {"steps": [{"peak_memory": 300 * 2**20, "step_s": 1.5}], "done": {"settings": settings}}}
+    monkeypatch.setattr(e2e_suite, "run_sides", lambda sides, *a, **k: {side: canned[side] for side in sides})
+    rows = e2e_suite.memory_rows("cpu", True, "m", "qwen2-small", "process resident set size", [], log=quiet)
     peaks = {side: by(rows, provider=side, metric="peak_memory") for side in e2e_suite.MEMORY_SIDES}
     assert all(len(p) == 1 and p[0].median > 0 and p[0].n == 1 for p in peaks.values())
     assert "LoRA" in peaks["ours-lora-beta"][0].note and "full" in peaks["ours-full-beta"][0].note
     (ratio,) = by(rows, provider="lora/full", metric="peak_memory_ratio")
     assert ratio.median == pytest.approx(peaks["ours-lora-beta"][0].median / peaks["ours-full-beta"][0].median)
+    assert peaks["ours-full-beta"][0].median == 400 and ratio.median == 0.75

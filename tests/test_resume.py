@@ -2,7 +2,9 @@
 its step-5 TensorBoard point), resumed with `--resume_from_checkpoint latest`, and compared with an
 uninterrupted run: final weights equal (max |dw| <= 1e-6), TensorBoard curves equal with each step once,
 held-out evaluation before training not repeated. Single process and 2 ranks under DeepSpeed ZeRO-2, full
-fine-tuning and LoRA (whose checkpoints hold the adapter and its optimiser state, not the frozen base)."""
+fine-tuning and LoRA (whose checkpoints hold the adapter and its optimiser state, not the frozen base). The
+single-process full fine-tuning case runs with `-m slow`: the default suite kills and resumes one process
+with LoRA, and tests/test_checkpoint.py resumes a one-process full fine-tuning trainer in-process."""
 import json
 from pathlib import Path
 
@@ -52,6 +54,7 @@ def check_summaries(ref: Path, run: Path) -> None:
     assert a["eval_before"] == b["eval_before"] and a["final_reward_mean"] == pytest.approx(b["final_reward_mean"])
 
 
+@pytest.mark.slow  # one process: the LoRA variant below kills and resumes one process in the default suite
 def test_kill_and_resume_single_process(tmp_path):
     r = kill_and_resume(tmp_path, ranks=1)
     print(f"single process: max |dw| = {r['dw']:.3g}")
