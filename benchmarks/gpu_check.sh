@@ -2,7 +2,7 @@
 # Every GPU claim of grpo-scale, measured in one command, in at most 8 minutes on one H100/H200:
 #
 #   bash benchmarks/gpu_check.sh              # on the GPU machine, from the repository root
-#   bash benchmarks/gpu_check.sh --dry-run    # the same stages on the CPU at tiny shapes (CI runs it)
+#   bash benchmarks/gpu_check.sh --dry-run    # the same stages on the CPU at tiny shapes (pytest -m slow tests/test_gpu_check.py)
 #   bash benchmarks/gpu_check.sh --out DIR    # where the CSVs go
 #
 # Stages, each capped (a stage past its cap is stopped; what it wrote stays):

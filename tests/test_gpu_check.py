@@ -14,6 +14,11 @@ from benchmarks import carry, gpu_check, report  # noqa: E402
 from benchmarks.records import read_csv  # noqa: E402
 
 
+# The dry run (about 1.5 minutes on 2 cores) runs with `pytest -m slow tests/test_gpu_check.py`, and must pass
+# before a GPU is used: run it (or `bash benchmarks/gpu_check.sh --dry-run`) ahead of a GPU session.
+slow_dry_run = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu-check")
@@ -22,6 +27,7 @@ def dry_run(tmp_path_factory):
     return out, proc
 
 
+@slow_dry_run
 def test_every_stage_passes_within_its_cap(dry_run):
     out, proc = dry_run
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -34,6 +40,7 @@ def test_every_stage_passes_within_its_cap(dry_run):
         assert "!!! Liger-Kernel is not installed" in proc.stdout
 
 
+@slow_dry_run
 def test_tests_stage_counts_the_kernel_tests(dry_run):
     out, _ = dry_run
     rows = {r["metric"]: r for r in read_csv(out / "tests.csv")}
@@ -41,6 +48,7 @@ def test_tests_stage_counts_the_kernel_tests(dry_run):
     assert rows["passed"]["status"] == "ok" and rows["passed"]["preset"] == "gpu-check-dry-run"
 
 
+@slow_dry_run
 def test_kernels_stage_checks_every_loss_type_and_provider(dry_run):
     out, _ = dry_run
     rows = read_csv(out / "kernel.csv")
@@ -58,6 +66,7 @@ def test_kernels_stage_checks_every_loss_type_and_provider(dry_run):
     assert any(r["provider"] == "compile" and r["status"].startswith("skipped") for r in rows)
 
 
+@slow_dry_run
 def test_e2e_stage_steps_full_and_lora(dry_run):
     out, _ = dry_run
     rows = read_csv(out / "e2e.csv")
@@ -68,6 +77,7 @@ def test_e2e_stage_steps_full_and_lora(dry_run):
     assert any(r["provider"] == "flash" and r["status"].startswith("skipped") for r in rows)
 
 
+@slow_dry_run
 def test_summary_names_the_device_and_holds_every_table(dry_run):
     out, _ = dry_run
     text = (out / "summary.md").read_text()

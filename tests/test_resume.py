@@ -3,8 +3,8 @@ its step-5 TensorBoard point), resumed with `--resume_from_checkpoint latest`, a
 uninterrupted run: final weights equal (max |dw| <= 1e-6), TensorBoard curves equal with each step once,
 held-out evaluation before training not repeated. Single process and 2 ranks under DeepSpeed ZeRO-2, full
 fine-tuning and LoRA (whose checkpoints hold the adapter and its optimiser state, not the frozen base). The
-single-process full fine-tuning case runs with `-m slow`: the default suite kills and resumes one process
-with LoRA, and tests/test_checkpoint.py resumes a one-process full fine-tuning trainer in-process."""
+one-process cases run with `-m slow` (the default suite kills and resumes 2 ranks; tests/test_checkpoint.py
+resumes one-process trainers in-process)."""
 import json
 from pathlib import Path
 
@@ -54,7 +54,7 @@ def check_summaries(ref: Path, run: Path) -> None:
     assert a["eval_before"] == b["eval_before"] and a["final_reward_mean"] == pytest.approx(b["final_reward_mean"])
 
 
-@pytest.mark.slow  # one process: the LoRA variant below kills and resumes one process in the default suite
+@pytest.mark.slow
 def test_kill_and_resume_single_process(tmp_path):
     r = kill_and_resume(tmp_path, ranks=1)
     print(f"single process: max |dw| = {r['dw']:.3g}")
@@ -85,7 +85,7 @@ def lora_weight_diff(a: Path, b: Path) -> float:
     return max(float((x[k].double() - y[k].double()).abs().max()) for k in x)
 
 
-@pytest.mark.parametrize("ranks", [1, 2])
+@pytest.mark.parametrize("ranks", [pytest.param(1, marks=pytest.mark.slow), 2])
 def test_kill_and_resume_lora(tmp_path, ranks):
     """LoRA with the reference as adapters-off: the resumed run's adapter and merged final/ equal the
     uninterrupted run's, and the checkpoint holds the trainable state only."""
