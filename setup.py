@@ -7,7 +7,7 @@ from setuptools import setup
 
 setup(
     name="grpo-scale",
-    version="0.3.0",
+    version="0.4.0.dev0",
     description="GRPO trainer with a fused Triton loss, DeepSpeed ZeRO through Accelerate",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",

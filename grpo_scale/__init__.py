@@ -2,7 +2,7 @@
 
     from grpo_scale import GRPOConfig, GRPOTrainer   # TRL's names: a TRL script changes one import
 """
-__version__ = "0.3.0"
+__version__ = "0.4.0.dev0"
 
 __all__ = ["GRPOConfig", "GRPOTrainer", "__version__"]
 

@@ -108,7 +108,9 @@ class _Fields:
                             "cache has more than keys and values (linear-attention, SSM, quantized caches).")
 
     # ------------------------------------------------------------------ rewards and advantages
-    reward_funcs: list = _f(["correctness", "format"], "Reward functions: built-ins (correctness, format) or "
+    reward_funcs: list = _f(["correctness", "format"], "Reward functions: built-ins (correctness, format, "
+                            "format_graded, correctness_lenient, soft_overlong_punishment(max_completion_len=N, "
+                            "soft_punish_cache=N): DAPO's overlong shaping, TRL's parameters) or "
                             "'module:function' from your code, with TRL's signature fn(prompts, completions, "
                             "**kwargs): prompts as the data has them, completions as strings (string prompts) or "
                             "[{'role': 'assistant', 'content': ...}] (conversational prompts), the data's other "
@@ -117,6 +119,14 @@ class _Fields:
     reward_fail_steps: int = _f(3, "A reward function that raises on every item, on every rank, for this many "
                                 "rollouts in a row stops the run (exit status 2) with its error: a reward that "
                                 "never scores anything teaches nothing. Items that raise otherwise count as missing.")
+    dynamic_sampling: bool = _f(False, "DAPO's dynamic sampling: drop groups whose completions all got the same "
+                                "reward (zero advantage: they teach nothing) and sample more prompts until the "
+                                "generation batch is full, up to max_sampling_rounds rounds; kept groups beyond the "
+                                "batch are discarded. When the rounds run out the step trains on a short batch (a "
+                                "multiple of lcm(num_generations, processes x gradient_accumulation_steps) "
+                                "completions). verl's and OpenRLHF's option; TRL has none.")
+    max_sampling_rounds: int = _f(10, "With dynamic_sampling: at most this many generation batches sampled per step "
+                                  "(verl's max_num_gen_batches default).")
     scale_rewards: str = _f("group", "Advantage scaling: group (divide by the group's std), batch (by the whole "
                             "batch's std) or none.")
 
@@ -262,6 +272,7 @@ class _Fields:
              f"task_mix weights must be >= 0 with a positive sum, got {self.task_mix}")
         unknown = set(self.task_mix) - {"arithmetic", "polynomial"}
         need(not unknown, f"task_mix has unknown task(s) {sorted(unknown)}; known: arithmetic, polynomial")
+        need(self.max_sampling_rounds >= 1, f"max_sampling_rounds must be >= 1, got {self.max_sampling_rounds}")
         need(len(self.reward_funcs) >= 1, "reward_funcs is empty: name at least one reward function")
         need(self.reward_weights is None or len(self.reward_weights) == len(self.reward_funcs),
              f"reward_weights has {len(self.reward_weights or [])} entries but reward_funcs has "
@@ -466,7 +477,7 @@ def _convert(name: str, value: Any, tp) -> Any:
             return str(value)
         if base in (list, typing.List):
             if isinstance(value, str):
-                value = [v.strip() for v in value.split(",") if v.strip()]
+                value = [v.strip() for v in _split_commas(value) if v.strip()]
             elif isinstance(value, (int, float)):
                 value = [value]
             if not isinstance(value, list):
@@ -491,6 +502,18 @@ def _convert(name: str, value: Any, tp) -> Any:
         return value
     kind = getattr(base, "__name__", str(base))
     raise ConfigError(f"{name} expects {kind}{' or null' if optional else ''}, got {value!r}")
+
+
+def _split_commas(text: str) -> list[str]:
+    """A command-line list split at commas outside parentheses, so that a reward with parameters,
+    ``soft_overlong_punishment(max_completion_len=48,soft_punish_cache=16)``, stays one item."""
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += (ch == "(") - (ch == ")")
+        if ch == "," and depth <= 0:
+            items.append(text[start:i])
+            start = i + 1
+    return items + [text[start:]]
 
 
 def _check_types(cfg: GRPOConfig) -> None:

@@ -29,6 +29,11 @@ Built-ins (the reply they judge is the opened assistant turn, if the prompt open
   data does not punish the model.
 - ``correctness_lenient``: as ``correctness``, with the answer read by ``lenient_answer`` (prose around
   it allowed; without an answer block, the reply's final expression).
+- ``soft_overlong_punishment``: DAPO's overlong shaping (TRL's ``get_soft_overlong_punishment``), from the
+  completion's length in tokens alone. Parameters in the name, with TRL's names:
+  ``soft_overlong_punishment(max_completion_len=512, soft_punish_cache=128)``; by default
+  ``max_completion_len`` is the config's ``max_completion_length`` and ``soft_punish_cache`` a fifth of it
+  (DAPO's 4,096 of 20,480).
 
 Combination (TRL's semantics): ``total = nansum_f(weight_f * reward_f)``, skipping missing values. A
 completion that no function scored gets total NaN, and the advantage code gives it advantage 0.
@@ -263,9 +268,72 @@ def correctness_lenient_reward(prompts: list, completions: list, answer: list, *
     return _score_answers(prompts, completions, answer, lenient_answer, "correctness_lenient")
 
 
+class SoftOverlongPunishment:
+    """DAPO's overlong reward shaping (its Eq. 13), TRL's ``get_soft_overlong_punishment``: with
+    L = len(completion_ids) (the sampled tokens, end-of-sequence token included, as TRL counts them),
+    Lmax = max_completion_len and c = soft_punish_cache,
+
+        0                  when L <= Lmax - c
+        (Lmax - c - L) / c when Lmax - c < L <= Lmax   (down to -1 at L = Lmax)
+        -1                 when L > Lmax
+
+    It punishes completions near and past the limit and never rewards short ones. With c = 0 the middle
+    case is empty (TRL divides by zero at L = Lmax; here L = Lmax scores 0). The sampler stops at
+    max_completion_length, so with Lmax equal to it a completion cut at the limit scores -1. A class, not
+    a closure, so it pickles."""
+    __name__ = "soft_overlong_punishment_reward"  # TRL's name: the same metric keys
+
+    def __init__(self, max_completion_len: int, soft_punish_cache: int):
+        for name, v in (("max_completion_len", max_completion_len), ("soft_punish_cache", soft_punish_cache)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"soft_overlong_punishment: {name} must be a whole number >= 0, got {v!r}")
+        if max_completion_len < 1 or soft_punish_cache > max_completion_len:
+            raise ValueError(f"soft_overlong_punishment: need 0 <= soft_punish_cache <= max_completion_len and "
+                             f"max_completion_len >= 1, got max_completion_len={max_completion_len}, "
+                             f"soft_punish_cache={soft_punish_cache}")
+        self.max_completion_len = max_completion_len
+        self.soft_punish_cache = soft_punish_cache
+
+    def __call__(self, completion_ids: list, **kwargs) -> list[float]:
+        top, cache = self.max_completion_len, self.soft_punish_cache
+        out = []
+        for ids in completion_ids:
+            n = len(ids)
+            if n <= top - cache:
+                out.append(0.0)
+            elif n <= top:
+                out.append((top - cache - n) / cache)
+            else:
+                out.append(-1.0)
+        return out
+
+    def __repr__(self) -> str:
+        return (f"soft_overlong_punishment(max_completion_len={self.max_completion_len}, "
+                f"soft_punish_cache={self.soft_punish_cache})")
+
+
+def get_soft_overlong_punishment(max_completion_len: int, soft_punish_cache: int) -> SoftOverlongPunishment:
+    """TRL's factory, with its name and parameters: ``reward_funcs=[get_soft_overlong_punishment(512, 128)]``."""
+    return SoftOverlongPunishment(max_completion_len, soft_punish_cache)
+
+
+def _overlong_from_name(params: dict, defaults: dict) -> SoftOverlongPunishment:
+    top = params.get("max_completion_len", defaults.get("max_completion_length"))
+    if top is None:
+        raise ValueError("soft_overlong_punishment needs max_completion_len (no max_completion_length to default to)")
+    return SoftOverlongPunishment(top, params.get("soft_punish_cache", top // 5))
+
+
 BUILTIN_REWARDS: dict[str, RewardFunc] = {"format": format_reward, "correctness": correctness_reward,
                                            "format_graded": format_graded_reward,
                                            "correctness_lenient": correctness_lenient_reward}
+# Built-ins with parameters: name -> (builder(params, defaults), the parameters it accepts). Named alone
+# or as ``name(key=value, ...)`` with whole-number values.
+BUILTIN_FACTORIES: dict[str, tuple[Callable, tuple[str, ...]]] = {
+    "soft_overlong_punishment": (_overlong_from_name, ("max_completion_len", "soft_punish_cache")),
+}
+_CALL = re.compile(r"([A-Za-z_]\w*)\s*\((.*)\)", re.S)
+_PARAM = re.compile(r"\s*([A-Za-z_]\w*)\s*=\s*(\d{1,9})\s*")
 
 
 # ----------------------------------------------------------------------------- calling
@@ -338,9 +406,43 @@ def _import_user_function(name: str, where: str) -> RewardFunc:
     return func
 
 
-def get_reward_funcs(names: Sequence[str]) -> list[RewardFunc]:
-    """The reward functions for config names: a built-in (``BUILTIN_REWARDS``) or
-    ``module:function`` imported from the user's code. Raises ValueError naming the bad entry."""
+def is_builtin(name: str) -> bool:
+    """Whether ``name`` names a built-in reward (with or without parameters)."""
+    name = name.strip()
+    call = _CALL.fullmatch(name)
+    return name in BUILTIN_REWARDS or (call.group(1) if call else name) in BUILTIN_FACTORIES
+
+
+def _builtin_with_params(name: str, where: str, defaults: dict) -> RewardFunc | None:
+    """A built-in with parameters (``BUILTIN_FACTORIES``) named alone or as ``name(key=value, ...)``;
+    None when ``name`` is not one. The parameters are parsed, never evaluated."""
+    call = _CALL.fullmatch(name)
+    base = call.group(1) if call else name
+    if base not in BUILTIN_FACTORIES:
+        return None
+    build, accepted = BUILTIN_FACTORIES[base]
+    params: dict = {}
+    for item in (call.group(2).split(",") if call and call.group(2).strip() else []):
+        m = _PARAM.fullmatch(item)
+        usage = f"write {base}({', '.join(f'{a}=N' for a in accepted)}) with whole numbers N"
+        if not m:
+            raise ValueError(f"{where}: in {name!r}, {item.strip()!r} is not 'parameter=N' with a whole number N; "
+                             f"{usage}")
+        if m.group(1) not in accepted:
+            raise ValueError(f"{where}: in {name!r}, {m.group(1)!r} is not a parameter of {base}; {usage}")
+        if m.group(1) in params:
+            raise ValueError(f"{where}: {name!r} gives {m.group(1)} twice")
+        params[m.group(1)] = int(m.group(2))
+    try:
+        return build(params, defaults)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def get_reward_funcs(names: Sequence[str], defaults: dict | None = None) -> list[RewardFunc]:
+    """The reward functions for config names: a built-in (``BUILTIN_REWARDS``; ``BUILTIN_FACTORIES``
+    with their parameters, which default from ``defaults``, the config's values) or ``module:function``
+    imported from the user's code. Raises ValueError naming the bad entry."""
     if isinstance(names, str) or not isinstance(names, (list, tuple)):
         raise ValueError(f"reward_funcs must be a list of names such as ['correctness', 'format'], got {names!r}")
     if not names:
@@ -353,10 +455,13 @@ def get_reward_funcs(names: Sequence[str]) -> list[RewardFunc]:
         name = name.strip()
         if name in BUILTIN_REWARDS:
             funcs.append(BUILTIN_REWARDS[name])
+        elif (func := _builtin_with_params(name, where, defaults or {})) is not None:
+            funcs.append(func)
         elif ":" in name:
             funcs.append(_import_user_function(name, where))
         else:
-            raise ValueError(f"{where}: unknown reward {name!r}; built-ins are {sorted(BUILTIN_REWARDS)}, "
+            raise ValueError(f"{where}: unknown reward {name!r}; built-ins are "
+                             f"{sorted([*BUILTIN_REWARDS, *BUILTIN_FACTORIES])}, "
                              "or name your own as 'module:function'")
     return funcs
 

@@ -35,6 +35,34 @@ class Rollout:
                        self.completion_mask[idx], self.attention_mask[idx], self.is_truncated[idx],
                        self.prompts[idx], self.completions[idx])
 
+    def rows(self, index: list[int]) -> "Rollout":
+        """The rows at ``index``, in that order."""
+        at = torch.tensor(index, dtype=torch.long, device=self.completion_ids.device)
+        return Rollout(self.prompt_ids[at], self.prompt_mask[at], self.completion_ids[at], self.completion_mask[at],
+                       self.attention_mask[at], self.is_truncated[at], [self.prompts[i] for i in index],
+                       [self.completions[i] for i in index])
+
+    def trimmed(self) -> "Rollout":
+        """The same rows without the columns that are padding in every row (prompts are left-padded,
+        completions right-padded); at least one column of each."""
+        p = max(1, int(self.prompt_mask.sum(1).max())) if len(self) else 1
+        t = max(1, int(self.attention_mask.sum(1).max())) if len(self) else 1
+        return Rollout(self.prompt_ids[:, -p:], self.prompt_mask[:, -p:], self.completion_ids[:, :t],
+                       self.completion_mask[:, :t], self.attention_mask[:, :t], self.is_truncated, self.prompts,
+                       self.completions)
+
+    @staticmethod
+    def cat(parts: list["Rollout"], pad_token_id: int) -> "Rollout":
+        """Rollouts stacked row-wise: prompts left-padded and completions right-padded to the widest, with
+        the pad token and masks of 0, as one generate call pads them."""
+        return Rollout(pad_cat([p.prompt_ids for p in parts], pad_token_id, left=True),
+                       pad_cat([p.prompt_mask for p in parts], 0, left=True),
+                       pad_cat([p.completion_ids for p in parts], pad_token_id, left=False),
+                       pad_cat([p.completion_mask for p in parts], 0, left=False),
+                       pad_cat([p.attention_mask for p in parts], 0, left=False),
+                       torch.cat([p.is_truncated for p in parts]),
+                       [x for p in parts for x in p.prompts], [x for p in parts for x in p.completions])
+
     def prompt_runs(self) -> torch.Tensor:
         """Lengths [R] of the runs of consecutive rows with the same prompt (ids and mask); sum N."""
         same = ((self.prompt_ids[1:] == self.prompt_ids[:-1]) & (self.prompt_mask[1:] == self.prompt_mask[:-1])).all(1)
@@ -186,6 +214,11 @@ def eos_ids(tokenizer, model) -> list[int]:
     return ids
 
 
+def pad_id(tokenizer, model) -> int:
+    """The id that pads prompts and completions: the tokenizer's pad token, else the first EOS id."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids(tokenizer, model)[0]
+
+
 def warp_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """Sampling scores [N, V] in float32: transformers' warpers in its order, temperature, then top-k (0: off),
     then top-p (nucleus; the most likely token is always kept). Removed tokens get -inf."""
@@ -277,7 +310,7 @@ def generate(model, tokenizer, prompts: list[str], *, max_prompt_length: Optiona
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     device = next(model.parameters()).device
     eos = eos_ids(tokenizer, model)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    pad = pad_id(tokenizer, model)
     was_training = model.training
     model.eval()
     batch_size = batch_size or len(prompts)
@@ -297,9 +330,9 @@ def generate(model, tokenizer, prompts: list[str], *, max_prompt_length: Optiona
                             eos=eos, pad=pad, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
         parts.append((ids, mask, completion))
     model.train(was_training)
-    prompt_ids = _pad_cat([p[0] for p in parts], pad, left=True)
-    prompt_mask = _pad_cat([p[1] for p in parts], 0, left=True)
-    completion_ids = _pad_cat([p[2] for p in parts], pad, left=False)
+    prompt_ids = pad_cat([p[0] for p in parts], pad, left=True)
+    prompt_mask = pad_cat([p[1] for p in parts], 0, left=True)
+    completion_ids = pad_cat([p[2] for p in parts], pad, left=False)
     completion_mask, is_truncated = completion_mask_from_ids(completion_ids, eos)
     completion_ids = completion_ids.masked_fill(completion_mask == 0, pad)
     attention_mask = completion_mask.clone()
@@ -318,8 +351,10 @@ def _strip_special(text: str, tokenizer) -> str:
     return text
 
 
-def _pad_cat(tensors: list[torch.Tensor], value: int, left: bool) -> torch.Tensor:
-    width = max(t.shape[1] for t in tensors)
+def pad_cat(tensors: list[torch.Tensor], value: int, left: bool, width: Optional[int] = None) -> torch.Tensor:
+    """[N_i, W_i] tensors stacked row-wise, each padded with ``value`` on the left or right to ``width``
+    (default: the widest)."""
+    width = max(t.shape[1] for t in tensors) if width is None else width
     padded = []
     for t in tensors:
         fill = t.new_full((t.shape[0], width - t.shape[1]), value)

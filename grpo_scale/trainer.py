@@ -24,11 +24,11 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from grpo_scale import checkpoint as ckpt
-from grpo_scale import lora
+from grpo_scale import dynamic, lora
 from grpo_scale.config import ConfigError, GRPOConfig, adapter_base, is_adapter_dir
 from grpo_scale.rewards import call_reward, check_reward_columns, compute_rewards, get_reward_funcs
-from grpo_scale.rollout import (CacheNotRepeatable, Rollout, cache_argument, can_share_prompt, full_inputs,
-                                generate, group_advantages, shared_prompt_inputs)
+from grpo_scale.rollout import (CacheNotRepeatable, Rollout, cache_argument, can_share_prompt,
+                                full_inputs, generate, group_advantages, pad_cat, pad_id, shared_prompt_inputs)
 from grpo_scale.tasks import ProblemStream, make_eval_set
 from grpo_scale.tasks.prompts import is_conversational, open_reply, render_messages
 
@@ -258,6 +258,8 @@ class GRPOTrainer:
         self.eval_history: list[dict] = []   # {"step", figures} of every held-out evaluation, for rewards.png
         self.eval_samples: dict = {}         # "before"/"after": answers to the first held-out prompts (samples.md)
         self.skipped_steps = 0               # steps skipped for a non-finite loss or gradient norm
+        # prompts read from the stream, sampling rounds, groups dropped and short batches (dynamic sampling)
+        self.sampling = {"prompts": 0, "rounds": 0, "dropped_groups": 0, "short_steps": 0}
         self.bad_in_a_row = 0
         self.timings: dict[str, float] = defaultdict(float)
 
@@ -533,23 +535,28 @@ class GRPOTrainer:
     def _reward_object(self, r, i: int):
         """One entry of the constructor's reward_funcs as a function: a callable as it is; a name as the
         command line reads it; a reward model (loaded, or a folder / name that is not a function)."""
-        from grpo_scale.rewards import BUILTIN_REWARDS
+        from grpo_scale.rewards import BUILTIN_FACTORIES, BUILTIN_REWARDS, is_builtin
         if isinstance(r, torch.nn.Module):
             return RewardModel(self._placed(r), self._reward_tokenizer(i, r), self.gathered)
         if callable(r):
             return r
         if not isinstance(r, str):
             raise ValueError(f"reward_funcs[{i}]: expected a function, a name or a reward model, got {type(r).__name__}")
-        if r in BUILTIN_REWARDS or (":" in r and not os.path.isdir(r)):
-            return get_reward_funcs([r])[0]
+        if is_builtin(r) or (":" in r and not os.path.isdir(r)):
+            return get_reward_funcs([r], self._reward_defaults())[0]
         from transformers import AutoModelForSequenceClassification
         try:
             model = AutoModelForSequenceClassification.from_pretrained(r, num_labels=1, use_safetensors=True,
                                                                        trust_remote_code=self.cfg.trust_remote_code)
         except (OSError, ValueError) as e:
-            raise ValueError(f"reward_funcs[{i}]: {r!r} is not a built-in reward ({sorted(BUILTIN_REWARDS)}), not "
+            raise ValueError(f"reward_funcs[{i}]: {r!r} is not a built-in reward "
+                             f"({sorted([*BUILTIN_REWARDS, *BUILTIN_FACTORIES])}), not "
                              f"'module:function', and loading it as a reward model failed: {e}") from None
         return RewardModel(self._placed(model), self._reward_tokenizer(i, model), self.gathered)
+
+    def _reward_defaults(self) -> dict:
+        """Config values that built-in rewards with parameters default to."""
+        return {"max_completion_length": self.cfg.max_completion_length}
 
     def _placed(self, model):
         """A reward model on the training device (left where it is when ZeRO-3 partitioned it: its forward
@@ -622,7 +629,7 @@ class GRPOTrainer:
         cfg = self.cfg
         try:
             if self.reward_objects is None:
-                funcs = get_reward_funcs(cfg.reward_funcs)
+                funcs = get_reward_funcs(cfg.reward_funcs, self._reward_defaults())
             else:
                 funcs = [self._reward_object(r, i) for i, r in enumerate(self.reward_objects)]
             names = [getattr(f, "__name__", str(i)) for i, f in enumerate(funcs)]
@@ -743,7 +750,57 @@ class GRPOTrainer:
 
     # ================================================================== one step
     def generate_and_score(self) -> dict:
-        """Sample this process's share of a generation batch, score it, and compute advantages."""
+        """Sample this process's share of a generation batch, score it, and compute advantages. With
+        dynamic_sampling, rounds of prompts are sampled until the batch is full of groups whose rewards
+        differ (``grpo_scale.dynamic``)."""
+        cfg, acc = self.cfg, self.acc
+        G, W, rank = cfg.num_generations, acc.num_processes, acc.process_index
+        self._reward_logs, self._reward_extra = defaultdict(list), {}
+        if cfg.dynamic_sampling:
+            rollout, all_total, all_per_func, m = self._sample_dynamic()
+        else:
+            s = self._sample_round()
+            rollout, all_total, all_per_func = s["rollout"], s["all_total"], s["all_per_func"]
+            m = {"time/generate_s": s["generate_s"], "time/reward_s": s["reward_s"]}
+            self.sampling["prompts"] += s["prompts"]
+        n = len(rollout)  # this rank's share (all ranks train the same number)
+        adv, group_std = group_advantages(all_total.cpu(), G, cfg.scale_rewards)
+        advantages = adv[rank * n:(rank + 1) * n].to(acc.device)
+        t2 = time.perf_counter()
+        batch = {"rollout": rollout, "advantages": advantages, "old_logps": None, "ref_logps": None}
+        if cfg.num_iterations > 1:
+            batch["old_logps"] = self._logps(self.model, rollout)
+        if cfg.beta > 0:
+            with self.reference() as ref:
+                batch["ref_logps"] = self._logps(ref, rollout)
+        t3 = time.perf_counter()
+        # dapo: tokens of the whole trained batch on all ranks, per process and micro-step, because the
+        # backward divides by gradient_accumulation_steps and DeepSpeed averages over processes.
+        active = acc.reduce(rollout.completion_mask.sum().float().to(acc.device), "sum")
+        batch["num_items_in_batch"] = active / (W * cfg.gradient_accumulation_steps)
+        valid = ~torch.isnan(all_total)
+        lengths = acc.gather(rollout.attention_mask.sum(1).float().to(acc.device))
+        n_tokens = acc.reduce(torch.tensor(float(rollout.prompt_mask.sum() + rollout.attention_mask.sum()),
+                                           device=acc.device), "sum")
+        m.update({f"reward/{name}": _nanmean(all_per_func[:, i]) for i, name in enumerate(self.reward_names)})
+        m.update({
+            "reward/mean": float(all_total[valid].mean()) if valid.any() else float("nan"),
+            "reward/std": float(all_total[valid].std()) if valid.sum() > 1 else 0.0,
+            "reward/group_std": float(group_std.mean()),
+            "reward/frac_zero_std": float((~dynamic.has_spread(group_std)).float().mean()),
+            "completion/mean_length": float(lengths.mean()),
+            "completion/truncated_rate": float(acc.gather(rollout.is_truncated.float().to(acc.device)).mean()),
+            "advantage/std": float(adv.std()),
+            "time/logps_s": t3 - t2,
+            "tokens": float(n_tokens),
+        })
+        m.update(self._gathered_reward_logs())
+        batch["metrics"] = m
+        return batch
+
+    def _sample_round(self) -> dict:
+        """One generation batch of prompts from the stream (the same on every rank): this rank's completions
+        of them, scored, and the whole batch's rewards gathered from every rank (groups consecutive)."""
         cfg, acc = self.cfg, self.acc
         G, W, rank = cfg.num_generations, acc.num_processes, acc.process_index
         local = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
@@ -768,7 +825,6 @@ class GRPOTrainer:
         completions = rollout.completions
         if is_conversational(prompts[0]):
             completions = [[{"role": "assistant", "content": c}] for c in completions]
-        self._reward_logs, self._reward_extra = defaultdict(list), {}
         extras = {"completion_ids": [ids[m.bool()].tolist() for ids, m in
                                      zip(rollout.completion_ids.cpu(), rollout.attention_mask.cpu())],
                   "trainer_state": self._reward_state(), "log_metric": self._log_metric,
@@ -776,41 +832,91 @@ class GRPOTrainer:
         per_func, total = compute_rewards(self.reward_funcs, self.reward_weights, prompts, completions, columns,
                                           names=self.reward_names, extras=extras)
         self._check_reward_failures()
-        all_total = acc.gather(total.to(acc.device))
-        all_per_func = acc.gather(per_func.to(acc.device))
-        adv, group_std = group_advantages(all_total.cpu(), G, cfg.scale_rewards)
-        advantages = adv[rank * local:(rank + 1) * local].to(acc.device)
-        t2 = time.perf_counter()
-        batch = {"rollout": rollout, "advantages": advantages, "old_logps": None, "ref_logps": None}
-        if cfg.num_iterations > 1:
-            batch["old_logps"] = self._logps(self.model, rollout)
-        if cfg.beta > 0:
-            with self.reference() as ref:
-                batch["ref_logps"] = self._logps(ref, rollout)
-        t3 = time.perf_counter()
-        # dapo: tokens of the whole generation batch on all ranks, per process and micro-step, because
-        # the backward divides by gradient_accumulation_steps and DeepSpeed averages over processes.
-        active = acc.reduce(rollout.completion_mask.sum().float().to(acc.device), "sum")
-        batch["num_items_in_batch"] = active / (W * cfg.gradient_accumulation_steps)
-        valid = ~torch.isnan(all_total)
-        lengths = acc.gather(rollout.attention_mask.sum(1).float().to(acc.device))
-        n_tokens = acc.reduce(torch.tensor(float(rollout.prompt_mask.sum() + rollout.attention_mask.sum()),
-                                           device=acc.device), "sum")
-        m = {f"reward/{name}": _nanmean(all_per_func[:, i]) for i, name in enumerate(self.reward_names)}
-        m.update({
-            "reward/mean": float(all_total[valid].mean()) if valid.any() else float("nan"),
-            "reward/std": float(all_total[valid].std()) if valid.sum() > 1 else 0.0,
-            "reward/group_std": float(group_std.mean()),
-            "reward/frac_zero_std": float((group_std < 1e-6).float().mean()),
-            "completion/mean_length": float(lengths.mean()),
-            "completion/truncated_rate": float(acc.gather(rollout.is_truncated.float().to(acc.device)).mean()),
-            "advantage/std": float(adv.std()),
-            "time/generate_s": t1 - t0, "time/reward_s": t2 - t1, "time/logps_s": t3 - t2,
-            "tokens": float(n_tokens),
-        })
-        m.update(self._gathered_reward_logs())
-        batch["metrics"] = m
-        return batch
+        return {"rollout": rollout, "all_total": acc.gather(total.to(acc.device)).cpu(),
+                "all_per_func": acc.gather(per_func.to(acc.device)).cpu(), "prompts": len(rows),
+                "generate_s": t1 - t0, "reward_s": time.perf_counter() - t1}
+
+    def _sample_dynamic(self) -> tuple[Rollout, torch.Tensor, torch.Tensor, dict]:
+        """DAPO's dynamic sampling: rounds until the kept groups fill the batch or max_sampling_rounds ran
+        out, then every rank's share of the chosen completions (see ``grpo_scale.dynamic``). Returns
+        (rollout, totals [K], per-function rewards [K, F], metrics) for the K chosen completions."""
+        cfg, acc = self.cfg, self.acc
+        G, W, GA = cfg.num_generations, acc.num_processes, cfg.gradient_accumulation_steps
+        local = cfg.per_device_train_batch_size * GA
+        need, unit = local * W // G, dynamic.lcm_unit(G, W, GA) // G
+        rounds, kept = [], 0
+        while len(rounds) < cfg.max_sampling_rounds and kept < need:
+            s = self._sample_round()
+            s["spread"] = group_advantages(s["all_total"], G, "none")[1]
+            kept += int(dynamic.has_spread(s["spread"]).sum())
+            rounds.append(s)
+        sel = dynamic.select([s["spread"] for s in rounds], need, unit)
+        chosen = dynamic.slots(sel.groups, G)
+        all_total = torch.stack([rounds[r]["all_total"][j] for r, j in chosen])
+        all_per_func = torch.stack([rounds[r]["all_per_func"][j] for r, j in chosen])
+        rollout = self._share_of([s["rollout"] for s in rounds], chosen, local)
+        self._reward_extra = {}  # log_extra columns follow one round's rows, not the chosen ones
+        totals = self.sampling
+        totals["prompts"] += sum(s["prompts"] for s in rounds)
+        totals["rounds"] += sel.rounds
+        totals["dropped_groups"] += sel.dropped
+        totals["short_steps"] += sel.short
+        if sel.short and acc.is_main_process:
+            logger.warning("step %d: dynamic sampling kept %d of the %d groups the batch needs after "
+                           "max_sampling_rounds=%d rounds; training on %d groups (%d completions per process)%s",
+                           self.step + 1, len(sel.groups) - sel.filled + sel.surplus, need, cfg.max_sampling_rounds,
+                           len(sel.groups), len(rollout),
+                           f", {sel.filled} of them without reward spread" if sel.filled else "")
+        sampled = torch.cat([s["all_total"] for s in rounds])
+        return rollout, all_total, all_per_func, {
+            "time/generate_s": sum(s["generate_s"] for s in rounds),
+            "time/reward_s": sum(s["reward_s"] for s in rounds),
+            "dynamic/rounds": float(sel.rounds), "dynamic/sampled_groups": float(sel.sampled),
+            "dynamic/dropped_groups": float(sel.dropped), "dynamic/surplus_groups": float(sel.surplus),
+            "dynamic/filled_groups": float(sel.filled), "dynamic/trained_groups": float(len(sel.groups)),
+            "dynamic/short_batch": float(sel.short),
+            "dynamic/frac_zero_std_sampled": (sel.dropped + sel.filled) / max(1, sel.sampled),
+            "dynamic/reward_mean_sampled": _nanmean(sampled),
+            "dynamic/prompts_total": float(totals["prompts"]), "dynamic/rounds_total": float(totals["rounds"]),
+            "dynamic/dropped_groups_total": float(totals["dropped_groups"]),
+        }
+
+    def _share_of(self, parts: list[Rollout], chosen: list[tuple[int, int]], local: int) -> Rollout:
+        """This rank's share of the ``chosen`` completions, given as (round, global slot) in training
+        order: ``parts`` are this rank's rollouts of each round (slots rank*local ... +local). The rank
+        that sampled a completion sends it (ids and masks in one gather, texts in one object gather);
+        every rank gets an equal, consecutive share."""
+        acc = self.acc
+        W, rank = acc.num_processes, acc.process_index
+        pad = pad_id(self.tokenizer, acc.unwrap_model(self.model))
+        mine = Rollout.cat(parts, pad)
+        n = len(chosen) // W
+        if W == 1:
+            return mine.rows([r * local + j for r, j in chosen]).trimmed()
+        owner = [j // local for _, j in chosen]
+        sent = [[k for k, o in enumerate(owner) if o == w] for w in range(W)]  # positions in chosen, per sender
+        out = mine.rows([chosen[k][0] * local + chosen[k][1] - rank * local for k in sent[rank]])
+        P, T = (int(x) for x in acc.gather(torch.tensor([[out.prompt_ids.shape[1], out.completion_ids.shape[1]]],
+                                                            device=acc.device)).max(0).values)
+        R = max(len(k) for k in sent)
+
+        def padded(t, width, value, left):
+            t = pad_cat([t], value, left, width)
+            return torch.cat([t, t.new_full((R - t.shape[0], width), value)])
+
+        packed = torch.cat([padded(out.prompt_ids, P, pad, True), padded(out.prompt_mask, P, 0, True),
+                            padded(out.completion_ids, T, pad, False), padded(out.completion_mask, T, 0, False),
+                            padded(out.attention_mask, T, 0, False),
+                            padded(out.is_truncated.long().unsqueeze(1), 1, 0, False)], dim=1)
+        every = acc.gather(packed.to(acc.device))  # [W * R, 2P + 3T + 1]
+        from accelerate.utils import gather_object
+        texts = gather_object([list(zip(out.prompts, out.completions))])  # one list per rank
+        at = {k: (w, i) for w in range(W) for i, k in enumerate(sent[w])}
+        rows = [at[k] for k in range(rank * n, (rank + 1) * n)]
+        got = every[torch.tensor([w * R + i for w, i in rows], device=every.device)].to(out.completion_ids.device)
+        cols = torch.split(got, [P, P, T, T, T, 1], dim=1)
+        return Rollout(*cols[:5], cols[5].squeeze(1).bool(), [texts[w][i][0] for w, i in rows],
+                       [texts[w][i][1] for w, i in rows]).trimmed()
 
     # ------------------------------------------------------------------ reward contract helpers
     def _reward_state(self):
@@ -865,7 +971,9 @@ class GRPOTrainer:
         learning-rate schedule (the rollout was consumed).
         """
         cfg, acc = self.cfg, self.acc
-        rollout, mb = batch["rollout"], cfg.per_device_train_batch_size
+        # per_device_train_batch_size, or less for a short dynamic-sampling batch: always GA micro-batches
+        rollout = batch["rollout"]
+        mb = len(rollout) // cfg.gradient_accumulation_steps
         sums: dict[str, float] = defaultdict(float)
         n = skipped = 0
         t0 = time.perf_counter()
@@ -1106,7 +1214,7 @@ class GRPOTrainer:
         return {"step": self.step, "data": self.stream.state_dict(), "history": self.history,
                 "window": self.window, "eval_before": self.eval_before,
                 "eval_history": self.eval_history, "eval_samples": self.eval_samples, "skipped_steps": self.skipped_steps,
-                "bad_in_a_row": self.bad_in_a_row, "num_processes": self.acc.num_processes,
+                "bad_in_a_row": self.bad_in_a_row, "sampling": self.sampling, "num_processes": self.acc.num_processes,
                 "zero_stage": self.zero_stage, "seed": self.cfg.seed, "config": self.cfg.to_dict()}
 
     def save_checkpoint(self) -> Path:
@@ -1150,6 +1258,7 @@ class GRPOTrainer:
         self.eval_samples = state.get("eval_samples", {})
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.bad_in_a_row = int(state.get("bad_in_a_row", 0))
+        self.sampling.update(state.get("sampling", {}))
         saved_cfg, now = state.get("config", {}), self.cfg.to_dict()
         changed = sorted(k for k in now if k in saved_cfg and saved_cfg[k] != now[k]
                          and k not in ("output_dir", "resume_from_checkpoint"))

@@ -31,6 +31,15 @@ def text_checksum(prompts, completions, **columns) -> list[float]:
     return [zlib.crc32(completion_text(c).encode()) / 2**32 for c in completions]
 
 
+def half_flat_checksum(prompts, completions, **columns) -> list[float]:
+    """text_checksum for half of the prompts (by the question's checksum), 0.5 for every completion of the
+    others: about half of the groups have zero reward spread (the dynamic sampling cells)."""
+    def flat(prompt) -> bool:
+        text = prompt if isinstance(prompt, str) else [m["content"] for m in prompt if m["role"] == "user"][-1]
+        return zlib.crc32(text.encode()) % 2 == 0
+    return [0.5 if flat(p) else zlib.crc32(completion_text(c).encode()) / 2**32 for p, c in zip(prompts, completions)]
+
+
 def lora_state(peft_model, base_path: str) -> dict:
     """What a LoRA cell checks of the live model: the largest |lora_B| (zero at the start), the sum of the
     trainable (adapter) weights, and the largest change of any frozen base weight against the files it
@@ -61,6 +70,7 @@ def run_cell(out: Path, name: str, args: list[str]) -> None:
 
     def capture():
         last["batch"] = generate_and_score()
+        last.setdefault("metrics", []).append(last["batch"]["metrics"])
         return last["batch"]
 
     trainer.generate_and_score = capture
@@ -76,6 +86,7 @@ def run_cell(out: Path, name: str, args: list[str]) -> None:
         "process_index": acc.process_index, "num_processes": acc.num_processes,
         "world_size": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
         "zero_stage": trainer.zero_stage, "steps": trainer.step, "history": trainer.history,
+        "step_metrics": last["metrics"],
         "loss_impl": trainer.loss_impl,
         "rollout": {k: getattr(rollout, k).cpu() for k in ("prompt_ids", "prompt_mask", "completion_ids",
                                                            "completion_mask", "attention_mask")},

@@ -138,6 +138,23 @@ def flaky_reward(prompts, completions, **columns):
     return [_text_hash(c) for c in completions]
 
 
+def flat_group(prompt) -> bool:
+    """The prompts half_flat_reward scores alike (zero spread): about half, decided by the question."""
+    text = prompt if isinstance(prompt, str) else [m["content"] for m in prompt if m["role"] == "user"][-1]
+    return zlib.crc32(text.encode()) % 2 == 0
+
+
+def half_flat_reward(prompts, completions, **columns):
+    """text_hash_reward for half of the prompts, 0.5 for every completion of the other half (flat_group):
+    a batch in which about half of the groups have zero reward spread."""
+    return [0.5 if flat_group(p) else _text_hash(c) for p, c in zip(prompts, completions)]
+
+
+def constant_reward(prompts, completions, **columns):
+    """1.0 for everything: every group has zero spread."""
+    return [1.0] * len(completions)
+
+
 # ---------------------------------------------------------------------------- reading outputs
 def max_weight_diff(dir_a: Path, dir_b: Path) -> float:
     """max |w_a - w_b| over the tensors of two model.safetensors files."""

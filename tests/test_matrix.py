@@ -3,7 +3,7 @@
 Factors: launch (one process, ZeRO-2 on 2 ranks, ZeRO-3 on 2 ranks, ZeRO-3 with CPU offload on 2 ranks) x
 beta (0, > 0) x share_prompt x num_iterations (1, 2) x gradient accumulation (1, 2) x loss_impl (eager, and
 triton and fused_linear under the Triton interpreter) x gradient checkpointing x LoRA (full fine-tuning, or
-peft adapters whose reference is the network with adapters off), plus precision (fp32, and one bf16 cell in
+peft adapters whose reference is the network with adapters off) x dynamic sampling, plus precision (fp32, and one bf16 cell in
 the default suite). ``ROWS`` is a pairwise covering set: every pair of values of any two
 factors meets in at least one row (checked by ``test_rows_cover_every_pair``). The full product runs behind
 the ``slow`` marker.
@@ -14,7 +14,8 @@ Each cell is a real run of two rollouts (2 optimiser steps, 4 with num_iteration
 loss is finite and no step was skipped, the saved final/ is the trained policy and its weights moved, and
 on the last rollout the reference log-probs the trainer computed equal an independent forward of the
 initial weights (and the policy's after training differ from them); under ZeRO-3 each rank holds 1/W of
-the reference. LoRA cells also assert that lora_B moved away from zero, no frozen base weight changed,
+the reference. Dynamic sampling cells assert that groups were dropped and that every step trained on groups
+with reward spread only (but for the groups that fill a step whose rounds kept nothing). LoRA cells also assert that lora_B moved away from zero, no frozen base weight changed,
 adapter/ is the trained adapter, and the merged final/ computes what the adapter on its base computes.
 """
 import itertools
@@ -39,40 +40,46 @@ COMMON = ["--eval_size", "4", "--eval_batch_size", "4", "--max_completion_length
           "--temperature", str(TEMPERATURE), "--cpu_threads", "1", "--loss_type", "dapo",
           "--reward_funcs", "correctness,format,matrix_probe:text_checksum", "--reward_weights", "1,0.2,1"]
 
-# (launch, loss_impl, beta > 0, share_prompt, num_iterations 2, accumulation 2, gradient checkpointing, bf16, LoRA)
+# (launch, loss_impl, beta > 0, share_prompt, num_iterations 2, accumulation 2, gradient checkpointing, bf16, LoRA,
+#  dynamic sampling)
 ROWS = [
-    ("one", "eager", 0, 1, 1, 0, 0, 0, 0),
-    ("one", "triton", 1, 1, 0, 0, 1, 0, 1),
-    ("one", "fused_linear", 0, 0, 0, 1, 0, 0, 0),
-    ("zero2", "eager", 0, 1, 1, 1, 0, 0, 1),
-    ("zero2", "triton", 1, 0, 0, 0, 1, 0, 0),
-    ("zero2", "fused_linear", 1, 0, 1, 1, 1, 0, 1),
-    ("zero3", "eager", 0, 0, 0, 1, 1, 0, 1),
-    ("zero3", "triton", 1, 1, 1, 1, 0, 0, 1),
-    ("zero3", "fused_linear", 1, 1, 1, 0, 0, 0, 0),
-    ("zero3", "eager", 1, 1, 0, 0, 0, 1, 0),          # the bf16 cell: a partitioned reference in bf16
-    ("zero3_offload", "eager", 1, 1, 1, 1, 1, 0, 0),
-    ("zero3_offload", "triton", 0, 0, 1, 1, 0, 0, 0),
-    ("zero3_offload", "fused_linear", 1, 1, 0, 0, 0, 0, 1),
+    ("one", "eager", 0, 1, 1, 0, 0, 0, 0, 0),
+    ("one", "triton", 1, 1, 0, 0, 1, 0, 1, 0),
+    ("one", "fused_linear", 0, 0, 0, 1, 0, 0, 0, 1),
+    ("zero2", "eager", 0, 1, 1, 1, 0, 0, 1, 0),
+    ("zero2", "triton", 1, 0, 0, 0, 1, 0, 0, 1),
+    ("zero2", "fused_linear", 1, 0, 1, 1, 1, 0, 1, 0),
+    ("zero3", "eager", 0, 0, 0, 1, 1, 0, 1, 0),
+    ("zero3", "triton", 1, 1, 1, 1, 0, 0, 1, 1),
+    ("zero3", "fused_linear", 1, 1, 1, 0, 0, 0, 0, 0),
+    ("zero3", "eager", 1, 1, 0, 0, 0, 1, 0, 0),          # the bf16 cell: a partitioned reference in bf16
+    ("zero3_offload", "eager", 1, 1, 1, 1, 1, 0, 0, 1),
+    ("zero3_offload", "triton", 0, 0, 1, 1, 0, 0, 0, 0),
+    ("zero3_offload", "fused_linear", 1, 1, 0, 0, 0, 0, 1, 0),
 ]
 FACTORS = ("launch", "loss_impl", "beta", "share_prompt", "num_iterations", "gradient_accumulation_steps",
-           "gradient_checkpointing", "bf16", "use_peft")
-PAIRED = (0, 1, 2, 3, 4, 5, 6, 8)  # every factor but precision
+           "gradient_checkpointing", "bf16", "use_peft", "dynamic_sampling")
+PAIRED = (0, 1, 2, 3, 4, 5, 6, 8, 9)  # every factor but precision
+# dynamic sampling cells: half of the prompts get a flat reward, so groups are dropped; 2 rounds at most,
+# so some steps run out of rounds (a short batch, or one filled with zero-spread groups)
+DYNAMIC = ["--dynamic_sampling", "true", "--max_sampling_rounds", "2",
+           "--reward_funcs", "correctness,format,matrix_probe:half_flat_checksum"]
 
 
 def cell_name(row) -> str:
-    launch, impl, beta, share, iters, ga, gc, bf16, peft = row
+    launch, impl, beta, share, iters, ga, gc, bf16, peft, dyn = row
     return "-".join([launch, impl, "beta" if beta else "nobeta", "share" if share else "noshare",
                      f"it{1 + iters}", f"ga{1 + ga}", "gc" if gc else "nogc", "bf16" if bf16 else "fp32",
-                     "lora" if peft else "full"])
+                     "lora" if peft else "full"] + (["dyn"] if dyn else []))
 
 
 def cell_args(row) -> list[str]:
-    launch, impl, beta, share, iters, ga, gc, bf16, peft = row
+    launch, impl, beta, share, iters, ga, gc, bf16, peft, dyn = row
     # two rollouts: the second is scored after the policy moved, so reference and policy log-probs differ
     return COMMON + ["--max_steps", str(2 * (1 + iters)), "--loss_impl", impl, "--beta", "0.04" if beta else "0", "--share_prompt", str(bool(share)),
                      "--num_iterations", str(1 + iters), "--gradient_accumulation_steps", str(1 + ga),
-                     "--gradient_checkpointing", str(bool(gc)), "--bf16", str(bool(bf16)), "--use_peft", str(bool(peft))]
+                     "--gradient_checkpointing", str(bool(gc)), "--bf16", str(bool(bf16)), "--use_peft", str(bool(peft))
+                     ] + (DYNAMIC if dyn else [])
 
 
 def test_rows_cover_every_pair():
@@ -82,7 +89,7 @@ def test_rows_cover_every_pair():
     fine-tuning) with the shared prompt and with reused rollouts under both ZeRO-3 launches; and the LoRA
     reference (adapters off, through the engine) under every launch, with the shared prompt under both
     ZeRO-3 launches, with fused_linear under ZeRO-3, and LoRA with gradient checkpointing under ZeRO-3."""
-    values = [LAUNCHES, IMPLS] + [(0, 1)] * 7
+    values = [LAUNCHES, IMPLS] + [(0, 1)] * 8
     for a, b in itertools.combinations(PAIRED, 2):
         have = {(r[a], r[b]) for r in ROWS}
         missing = set(itertools.product(values[a], values[b])) - have
@@ -141,7 +148,7 @@ def completion_logps(model, rec: dict) -> torch.Tensor:
 
 
 def check_cell(out: Path, row, initial, initial_bf16, world: int = 2, groups_span_ranks: bool = False) -> None:
-    launch, impl, beta, share, iters, ga, gc, bf16, peft = row
+    launch, impl, beta, share, iters, ga, gc, bf16, peft, dyn = row
     name = cell_name(row)
     world = 1 if launch == "one" else world
     recs = [torch.load(out / name / f"rank{i}.pt", weights_only=False) for i in range(world)]
@@ -154,6 +161,9 @@ def check_cell(out: Path, row, initial, initial_bf16, world: int = 2, groups_spa
         assert torch.isfinite(torch.tensor(h["loss"])), (name, h)
         assert h["skipped_step"] == 0, (name, h)
 
+    if dyn:
+        check_dynamic(recs[0]["step_metrics"], name)
+        groups_span_ranks = True  # a short batch may split a group between the ranks
     # a group of 4 lies within one rank in the matrix: the ranks sampled different prompts
     prompts = [{tuple(ids[m.bool()].tolist()) for ids, m in zip(r["rollout"]["prompt_ids"], r["rollout"]["prompt_mask"])}
                 for r in recs]
@@ -195,6 +205,15 @@ def check_cell(out: Path, row, initial, initial_bf16, world: int = 2, groups_spa
         else:
             assert rec["ref_logps"] is None and rec["ref_param_bytes"] is None, name
             assert drift > 1e-4, f"{name}: the policy's log-probs did not change ({drift:.2e})"
+
+
+def check_dynamic(steps: list[dict], name: str) -> None:
+    """Every rollout trained only on groups with reward spread, but for the zero-spread groups that fill a
+    step whose rounds kept nothing; groups were dropped in the cell."""
+    for m in steps:
+        assert m["reward/frac_zero_std"] * m["dynamic/trained_groups"] == m["dynamic/filled_groups"], (name, m)
+        assert m["dynamic/rounds"] <= 2, (name, m)
+    assert sum(m["dynamic/dropped_groups"] for m in steps) > 0, f"{name}: dynamic sampling dropped nothing"
 
 
 def check_lora(run: Path, recs, start, final, name: str) -> None:
@@ -245,7 +264,7 @@ def test_zero3_ranks_agree_whether_to_share_the_prompt(tmp_path, initial_models)
     share) while ranks 0 and 2 hold one prompt twice. A shared forward through the ZeRO-3 engine is two
     forwards (prompt, then completions), each gathering parameters collectively: unless the ranks agree,
     their gathers pair up wrongly and the run hangs or fails."""
-    row = ("zero3", "eager", 1, 1, 0, 0, 0, 0, 0)
+    row = ("zero3", "eager", 1, 1, 0, 0, 0, 0, 0, 0)
     extra = ["--num_generations", "3", "--per_device_train_batch_size", "2"]
     proc = launch_cells(tmp_path, "zero3", [row], extra, world=3, timeout=400)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
@@ -255,8 +274,8 @@ def test_zero3_ranks_agree_whether_to_share_the_prompt(tmp_path, initial_models)
 def product_chunks(size: int = 16):
     """The full product, by launch, in chunks of ``size`` cells (one launch each)."""
     for launch in LAUNCHES:
-        rows = [(launch, impl, *bits[:6], peft) for impl in IMPLS
-                for bits in itertools.product((0, 1), repeat=6) for peft in (0, 1)]
+        rows = [(launch, impl, *bits[:6], peft, dyn) for impl in IMPLS
+                for bits in itertools.product((0, 1), repeat=6) for peft in (0, 1) for dyn in (0, 1)]
         for i in range(0, len(rows), size):
             yield pytest.param(launch, rows[i:i + size], id=f"{launch}-{i // size}")
 

@@ -1,6 +1,7 @@
 """Built-in rewards, the reward registry and the combination of several reward functions."""
 import logging
 import math
+import pickle
 import sys
 import time
 
@@ -9,7 +10,8 @@ import torch
 
 from grpo_scale.rewards import (check_reward_columns, compute_rewards, correctness_lenient_reward, correctness_reward,
                                 extract_answer, format_graded_reward, format_reward, get_reward_funcs,
-                                lenient_answer, required_columns)
+                                get_soft_overlong_punishment, lenient_answer, required_columns)
+from grpo_scale.config import load_config
 from grpo_scale.safe_math import is_simplified
 from grpo_scale.tasks.synthetic import make_eval_set
 
@@ -171,7 +173,7 @@ def test_user_function_in_a_package(user_dir):
 
 
 @pytest.mark.parametrize("files,names,message", [
-    ({}, ["correctness", "nope"], r"reward_funcs\[1\]: unknown reward 'nope'; built-ins are \['correctness', 'correctness_lenient', 'format', 'format_graded'\]"),
+    ({}, ["correctness", "nope"], r"reward_funcs\[1\]: unknown reward 'nope'; built-ins are \['correctness', 'correctness_lenient', 'format', 'format_graded', 'soft_overlong_punishment'\]"),
     ({}, ["missing_mod_c:f"], r"reward_funcs\[0\]: cannot import module 'missing_mod_c'.*missing_mod_c\.py"),
     ({"mod_d.py": "def g(**kw): return []\n"}, ["format", "mod_d:bar"],
      r"reward_funcs\[1\]: module 'mod_d' has no function 'bar'"),
@@ -365,3 +367,38 @@ def test_lenient_reading_is_bounded():
 def test_new_builtins_by_name():
     assert get_reward_funcs(["format_graded", "correctness_lenient"]) == [format_graded_reward,
                                                                          correctness_lenient_reward]
+
+
+# ----------------------------------------------------------------------------- DAPO's overlong shaping
+def test_soft_overlong_punishment_at_the_edges_of_its_window():
+    """Lmax 20, cache 4: 0 up to 16 tokens, then -1/4 per token down to -1 at 20; -1 beyond (by hand)."""
+    fn = get_soft_overlong_punishment(max_completion_len=20, soft_punish_cache=4)
+    lengths = [0, 1, 15, 16, 17, 18, 19, 20, 21, 500]
+    want = [0.0, 0.0, 0.0, 0.0, -0.25, -0.5, -0.75, -1.0, -1.0, -1.0]
+    assert fn(completion_ids=[[7] * n for n in lengths]) == want
+    assert fn.__name__ == "soft_overlong_punishment_reward"  # TRL's name, so TRL's metric keys
+    # cache 0: no soft window (TRL would divide by zero at exactly Lmax)
+    assert get_soft_overlong_punishment(20, 0)(completion_ids=[[1] * 20, [1] * 21]) == [0.0, -1.0]
+    # cache == Lmax: the window starts at the first token
+    assert get_soft_overlong_punishment(4, 4)(completion_ids=[[], [1], [1] * 4]) == [0.0, -0.25, -1.0]
+    assert pickle.loads(pickle.dumps(fn))(completion_ids=[[1] * 18]) == [-0.5]
+
+
+def test_soft_overlong_punishment_by_name():
+    [fn] = get_reward_funcs(["soft_overlong_punishment"], {"max_completion_length": 64})
+    assert (fn.max_completion_len, fn.soft_punish_cache) == (64, 12)  # DAPO's fifth as the cache
+    [fn] = get_reward_funcs([" soft_overlong_punishment( soft_punish_cache = 8 ,max_completion_len=32) "])
+    assert (fn.max_completion_len, fn.soft_punish_cache) == (32, 8)
+    # the command line splits lists at commas, but not inside the parentheses
+    cfg = load_config(["--reward_funcs", "format,soft_overlong_punishment(max_completion_len=32,soft_punish_cache=8)"])
+    assert cfg.reward_funcs == ["format", "soft_overlong_punishment(max_completion_len=32,soft_punish_cache=8)"]
+    for name, message in [
+        ("soft_overlong_punishment(cache=3)", r"'cache' is not a parameter of soft_overlong_punishment"),
+        ("soft_overlong_punishment(soft_punish_cache=x)", r"'soft_punish_cache=x' is not 'parameter=N'"),
+        ("soft_overlong_punishment(soft_punish_cache=-1)", r"is not 'parameter=N'"),
+        ("soft_overlong_punishment(soft_punish_cache=9)", r"soft_punish_cache <= max_completion_len"),
+        ("soft_overlong_punishment(max_completion_len=4,max_completion_len=5)", r"gives max_completion_len twice"),
+        ("soft_overlong_punishment()", r"needs max_completion_len"),
+    ]:
+        with pytest.raises(ValueError, match=r"reward_funcs\[0\]: .*" + message):
+            get_reward_funcs([name], {} if name.endswith("()") else {"max_completion_length": 8})
