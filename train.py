@@ -27,7 +27,9 @@ def _error(message: str) -> None:
 def main(argv=None) -> int:
     """Exit codes: 0 done, 2 configuration or input problem (nothing trained, or a reward function that
     raised on every item for reward_fail_steps rollouts), 3 stopped by itself after too many non-finite
-    steps (a checkpoint was saved). --help, --print_config and --check exit 0
+    steps (a checkpoint was saved), 4 stopped by SIGTERM, SIGUSR1 or SIGINT (a checkpoint was saved and
+    OUTPUT_DIR/preempted written; see grpo_scale.preemption), 5 a checkpoint could not be written (disk
+    full, unwritable folder: the previous checkpoints are intact). --help, --print_config and --check exit 0
     (--check: 2 when it finds a problem)."""
     argv = sys.argv[1:] if argv is None else argv
     todo = actions(argv)
@@ -50,15 +52,22 @@ def main(argv=None) -> int:
     except ConfigError as e:
         _error(str(e))
         return 2
-    from grpo_scale.trainer import RewardFailed, TrainingAborted
+    from grpo_scale.checkpoint import CheckpointError
+    from grpo_scale.preemption import EXIT_SAVE_FAILED, EXIT_STOPPED
+    from grpo_scale.trainer import RewardFailed, TrainingAborted, TrainingStopped
     try:
         summary = trainer.train()
+        trainer.save(summary)
+    except CheckpointError as e:  # every rank raised it alike (see grpo_scale.checkpoint.agree_written)
+        _error(str(e))
+        trainer.acc.end_training()
+        _shutdown()
+        return EXIT_SAVE_FAILED
     except TrainingAborted as e:
         _error(str(e))
         trainer.acc.end_training()
         _shutdown()
-        return 2 if isinstance(e, RewardFailed) else 3
-    trainer.save(summary)
+        return EXIT_STOPPED if isinstance(e, TrainingStopped) else 2 if isinstance(e, RewardFailed) else 3
     if trainer.acc.is_main_process:
         before, after = summary["eval_accuracy_before"], summary["eval_accuracy_after"]
         accuracy = (f"held-out accuracy {before:.3f} -> {after:.3f}" if before is not None and after is not None

@@ -79,6 +79,11 @@ def resolve_resume(output_dir: str | os.PathLike, resume: Optional[str]) -> Opti
     return path
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written on some rank (a full disk, an unwritable folder). Raised on every
+    rank alike; the previous checkpoints are untouched."""
+
+
 def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, trainer_state: dict,
                     save_total_limit: Optional[int] = None, **save_state_kwargs) -> Path:
     """Write ``OUTPUT_DIR/checkpoint-{step}`` atomically. Collective: every rank must call it.
@@ -86,24 +91,35 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, train
     trainer_state: JSON-serialisable dict, identical on every rank (written by each node's local main
     process). save_total_limit: keep only the newest this many complete checkpoints. save_state_kwargs go
     to ``Accelerator.save_state`` (DeepSpeed's save_checkpoint). Returns the path.
+
+    A write that fails on any rank (OSError: disk full, permissions) is caught there, and the ranks agree
+    on the outcome after each phase (one small all-reduce) instead of meeting at a barrier that a failed
+    rank would never reach; DeepSpeed's own writes record their error and let the rank pass DeepSpeed's
+    barriers. Then the unfinished folder is removed and CheckpointError raised on every rank, naming the
+    rank, the error and the newest complete checkpoint.
     """
     root = Path(output_dir)
     final = root / f"checkpoint-{step}"
     tmp = root / f"checkpoint-{step}{TMP_SUFFIX}"
-    if accelerator.is_local_main_process:
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(f"checkpoint-*{TMP_SUFFIX}"):  # leftovers of killed saves
-            shutil.rmtree(stale, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), **save_state_kwargs)
-    accelerator.wait_for_everyone()
-    if accelerator.is_local_main_process:
-        _fsync_tree(tmp)  # the rename must not reach the disk before the files it publishes
-        _write_json_atomic(tmp / STATE_FILE, {"version": STATE_VERSION, **trainer_state})
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        _publish(tmp, final)
-    accelerator.wait_for_everyone()
+
+    def prepare():
+        if accelerator.is_local_main_process:
+            root.mkdir(parents=True, exist_ok=True)
+            for stale in root.glob(f"checkpoint-*{TMP_SUFFIX}"):  # leftovers of killed saves
+                shutil.rmtree(stale, ignore_errors=True)
+
+    def describe():
+        if accelerator.is_local_main_process:
+            _fsync_tree(tmp)  # the rename must not reach the disk before the files it publishes
+            _write_json_atomic(tmp / STATE_FILE, {"version": STATE_VERSION, **trainer_state})
+
+    def publish():
+        if accelerator.is_main_process:
+            _publish(tmp, final)
+
+    for phase in (prepare, lambda: _save_files(accelerator, tmp, trainer_state, **save_state_kwargs), describe,
+                  publish):
+        agree_written(accelerator, attempt(phase), final.name, root, remove=tmp)
     if accelerator.is_local_main_process:
         if tmp.exists():  # a node that does not share rank 0's file system publishes its own copy
             _publish(tmp, final)
@@ -113,6 +129,63 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, train
     accelerator.wait_for_everyone()
     logger.info("saved checkpoint %s", final)
     return final
+
+
+def _save_files(accelerator, tmp: Path, trainer_state: dict, **save_state_kwargs) -> None:
+    """Every rank's part of Accelerate's save_state into ``tmp`` (no barrier after it). An error in one of
+    DeepSpeed's writes is kept until DeepSpeed's save has passed its barriers, then raised."""
+    errors: list[BaseException] = []
+    engines = [m.checkpoint_engine for m in getattr(accelerator, "_models", []) if hasattr(m, "checkpoint_engine")]
+    originals = [engine.save for engine in engines]
+
+    def deferred(save):
+        def write(*args, **kwargs):
+            try:
+                return save(*args, **kwargs)
+            except OSError as e:
+                errors.append(e)
+        return write
+
+    for engine, save in zip(engines, originals):
+        engine.save = deferred(save)
+    try:
+        accelerator.save_state(str(tmp), **save_state_kwargs)
+    except OSError as e:
+        errors.append(e)
+    finally:
+        for engine, save in zip(engines, originals):
+            engine.save = save
+    if errors:
+        raise errors[0]  # the first
+
+
+def attempt(fn) -> Optional[str]:
+    """None when ``fn()`` ran, else what went wrong (an OSError: a full disk, a read-only folder)."""
+    try:
+        fn()
+    except OSError as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def agree_written(accelerator, error: Optional[str], what: str, root: Path, remove: Optional[Path] = None) -> None:
+    """Every rank learns whether any rank failed to write ``what`` (one small collective, reached by all,
+    failed or not): on failure ``remove`` (the unfinished folder) goes and every rank raises
+    CheckpointError naming the ranks, their errors and the newest complete checkpoint in ``root``."""
+    errors = [error]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+        errors = gather_object([error])
+    failed = [(rank, e) for rank, e in enumerate(errors) if e is not None]
+    if not failed:
+        return
+    if accelerator.is_local_main_process and remove is not None:
+        shutil.rmtree(remove, ignore_errors=True)
+    done = list_checkpoints(root)
+    kept = f"the newest complete checkpoint, {done[-1]}, is intact" if done else "no earlier checkpoint exists"
+    where = "; ".join(f"rank {rank}: {e}" for rank, e in failed)
+    raise CheckpointError(f"{what} could not be written ({where}); {kept}. Free space on the output file "
+                          "system (or make it writable), then continue with --resume_from_checkpoint latest")
 
 
 def load_trainer_state(path: str | os.PathLike) -> dict:

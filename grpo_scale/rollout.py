@@ -239,7 +239,7 @@ def warp_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, 
 @torch.no_grad()
 def sample(model, ids: torch.Tensor, mask: torch.Tensor, *, cache, cache_kw: str, max_new_tokens: int,
            eos: list[int], pad: int, do_sample: bool, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-           drop_finished: bool = True) -> torch.Tensor:
+           drop_finished: bool = True, stop=None) -> torch.Tensor:
     """Completion ids [N, T <= max_new_tokens] for the left-padded prompts ``ids``/``mask`` [N, P], padded
     with ``pad`` after each row's first EOS: the decoding loop over the model's KV cache.
 
@@ -249,6 +249,9 @@ def sample(model, ids: torch.Tensor, mask: torch.Tensor, *, cache, cache_kw: str
     on the rows still going; each row's tokens follow the same distribution either way, but the random
     draws are shared out differently. Without it, finished rows are fed padding to the end, as generate
     does, which gives generate's tokens for the same seed.
+
+    ``stop``: a callable asked before each token; when it returns True decoding ends there (the trainer's
+    pre-emption flag: the cut completions are then thrown away).
     """
     N = ids.shape[0]
     out = ids.new_full((N, max_new_tokens), pad)
@@ -275,7 +278,7 @@ def sample(model, ids: torch.Tensor, mask: torch.Tensor, *, cache, cache_kw: str
         out[rows, steps - 1] = nxt
         done = done | torch.isin(nxt, eos_t)
         n_done = int(done.sum())  # the step's one wait for the device
-        if n_done == done.numel():
+        if n_done == done.numel() or (stop is not None and stop()):
             break
         if droppable and n_done:
             live = (~done).nonzero().squeeze(1)
@@ -296,7 +299,8 @@ def sample(model, ids: torch.Tensor, mask: torch.Tensor, *, cache, cache_kw: str
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], *, max_prompt_length: Optional[int], max_new_tokens: int,
              do_sample: bool, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-             mask_truncated: bool = False, batch_size: Optional[int] = None, share_prompt: bool = True) -> Rollout:
+             mask_truncated: bool = False, batch_size: Optional[int] = None, share_prompt: bool = True,
+             stop=None) -> Rollout:
     """Sample (or greedily decode) one completion per prompt string.
 
     With ``share_prompt``, consecutive copies of the same prompt (a GRPO group) are prefilled once and
@@ -327,7 +331,8 @@ def generate(model, tokenizer, prompts: list[str], *, max_prompt_length: Optiona
             cache = prefill(model, ids[:, :-1], mask[:, :-1], counts, cache_kw)  # each distinct prompt once
         ids, mask = ids.repeat_interleave(counts, dim=0), mask.repeat_interleave(counts, dim=0)
         completion = sample(model, ids, mask, cache=cache, cache_kw=cache_kw, max_new_tokens=max_new_tokens,
-                            eos=eos, pad=pad, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
+                            eos=eos, pad=pad, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                            stop=stop)
         parts.append((ids, mask, completion))
     model.train(was_training)
     prompt_ids = pad_cat([p[0] for p in parts], pad, left=True)

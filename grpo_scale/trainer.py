@@ -8,6 +8,7 @@ times. Batch sizes and loss normalisers have TRL's meaning.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import math
@@ -24,7 +25,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from grpo_scale import checkpoint as ckpt
-from grpo_scale import dynamic, lora
+from grpo_scale import dynamic, lora, preemption
 from grpo_scale.config import ConfigError, GRPOConfig, adapter_base, is_adapter_dir
 from grpo_scale.rewards import call_reward, check_reward_columns, compute_rewards, get_reward_funcs
 from grpo_scale.rollout import (CacheNotRepeatable, Rollout, cache_argument, can_share_prompt,
@@ -102,6 +103,11 @@ class AsConversation:
 
 class TrainingAborted(RuntimeError):
     """The run stopped itself (too many non-finite steps in a row) after saving a checkpoint."""
+
+
+class TrainingStopped(TrainingAborted):
+    """A stop signal (SIGTERM, SIGUSR1, SIGINT) ended the run after saving a checkpoint
+    (``grpo_scale.preemption``); OUTPUT_DIR/preempted says which."""
 
 
 def pick_loss_fn(loss_impl: str, device: torch.device):
@@ -254,6 +260,8 @@ class GRPOTrainer:
         self.step = 0                        # optimiser steps done (skipped ones included)
         self.history: list[dict] = []        # logged metrics, one dict per logging step
         self.window: list[dict] = []         # per-step metrics not logged yet (logging_steps > 1)
+        self.stop = preemption.StopSignals()  # installed while train() runs
+        self._last_saved_step: Optional[int] = None
         self.eval_before: Optional[dict] = None
         self.eval_history: list[dict] = []   # {"step", figures} of every held-out evaluation, for rewards.png
         self.eval_samples: dict = {}         # "before"/"after": answers to the first held-out prompts (samples.md)
@@ -773,6 +781,7 @@ class GRPOTrainer:
         if cfg.beta > 0:
             with self.reference() as ref:
                 batch["ref_logps"] = self._logps(ref, rollout)
+        self._stop_point("log-probs")
         t3 = time.perf_counter()
         # dapo: tokens of the whole trained batch on all ranks, per process and micro-step, because the
         # backward divides by gradient_accumulation_steps and DeepSpeed averages over processes.
@@ -815,10 +824,13 @@ class GRPOTrainer:
                       mask_truncated=cfg.mask_truncated_completions)
         with self.unwrapped_for_generation() as model:
             try:
-                rollout = generate(model, self.tokenizer, self._render(mine), share_prompt=self.share_prompt, **kwargs)
+                rollout = generate(model, self.tokenizer, self._render(mine), share_prompt=self.share_prompt,
+                                   stop=self.stop, **kwargs)
             except CacheNotRepeatable as e:
                 self._stop_sharing(e)
-                rollout = generate(model, self.tokenizer, self._render(mine), share_prompt=False, **kwargs)
+                rollout = generate(model, self.tokenizer, self._render(mine), share_prompt=False, stop=self.stop,
+                                   **kwargs)
+        self._stop_point("generation")
         t1 = time.perf_counter()
         columns = {k: [r.get(k) for r in mine] for k in mine[0] if k != "prompt"}
         prompts = [r["prompt"] for r in mine]  # as the data set has them
@@ -832,6 +844,7 @@ class GRPOTrainer:
         per_func, total = compute_rewards(self.reward_funcs, self.reward_weights, prompts, completions, columns,
                                           names=self.reward_names, extras=extras)
         self._check_reward_failures()
+        self._stop_point("scoring")
         return {"rollout": rollout, "all_total": acc.gather(total.to(acc.device)).cpu(),
                 "all_per_func": acc.gather(per_func.to(acc.device)).cpu(), "prompts": len(rows),
                 "generate_s": t1 - t0, "reward_s": time.perf_counter() - t1}
@@ -977,9 +990,11 @@ class GRPOTrainer:
         sums: dict[str, float] = defaultdict(float)
         n = skipped = 0
         t0 = time.perf_counter()
-        for _ in range(cfg.num_iterations):
+        for it in range(cfg.num_iterations):
             bad = False
             for s in range(0, len(rollout), mb):
+                if it == 0 and s:  # before the optimiser update, a stop abandons the step
+                    self._stop_point("backward")
                 idx = slice(s, s + mb)
                 rb = rollout.select(idx)
                 with acc.accumulate(self.model):
@@ -996,6 +1011,8 @@ class GRPOTrainer:
                         loss = loss * float("nan")
                     acc.backward(loss)
                     if acc.sync_gradients:
+                        if it == 0 and not self.deepspeed:  # (DeepSpeed's backward has stepped already)
+                            self._stop_point("backward")
                         bad = self._finish_step(bad, sums)
                 for key in ("loss", "kl_mean", "clip_ratio_low", "clip_ratio_high", "clip_ratio_region",
                             "entropy_mean"):
@@ -1011,6 +1028,18 @@ class GRPOTrainer:
         m["time/train_s"] = time.perf_counter() - t0
         m["lr"] = self.scheduler.get_last_lr()[0]
         return m
+
+    def _stop_point(self, where: str) -> None:
+        """A point where every rank asks whether any rank received a stop signal (one small all-reduce);
+        raises StopRequested on every rank alike when one did."""
+        signum = self.stop.signum or 0
+        if self.acc.num_processes > 1:
+            flag = torch.tensor(float(signum), device=self.acc.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            signum = int(flag)
+        if signum:
+            self._stop_signal = signum
+            raise preemption.StopRequested(where)
 
     def _finite_on_all_ranks(self, loss: torch.Tensor) -> bool:
         """True when the loss is finite on every rank, so all ranks decide alike."""
@@ -1128,6 +1157,15 @@ class GRPOTrainer:
         """
         if not self.is_set_up:
             self.setup()
+        if self.acc.is_main_process:
+            preemption.clear_marker(self.cfg.output_dir)
+        self.stop.install()
+        try:
+            return self._train()
+        finally:
+            self.stop.uninstall()
+
+    def _train(self) -> dict:
         cfg, acc = self.cfg, self.acc
         wall0 = time.perf_counter()
         before = self._evaluate_before()
@@ -1135,8 +1173,14 @@ class GRPOTrainer:
         t_train = time.perf_counter()
         while self.step < cfg.max_steps:
             t0, prev = time.perf_counter(), self.step
-            batch = self.generate_and_score()
-            metrics = {**batch["metrics"], **self.grpo_step(batch)}
+            start = self._step_start()
+            try:
+                batch = self.generate_and_score()
+                metrics = {**batch["metrics"], **self.grpo_step(batch)}
+            except preemption.StopRequested as e:
+                bar.close()
+                self._abandon_step(start)
+                self._stop_on_request(f"{e.where} in step {self.step + 1}")
             step_time = time.perf_counter() - t0
             metrics["time/step_s"] = step_time
             metrics["tokens_per_s"] = metrics.pop("tokens") / step_time
@@ -1160,6 +1204,11 @@ class GRPOTrainer:
                 self._record_eval("during", ev)
             if cfg.save_strategy == "steps" and due(cfg.save_steps):
                 self.save_checkpoint()
+            try:
+                self._stop_point("the end of the step")
+            except preemption.StopRequested as e:
+                bar.close()
+                self._stop_on_request(f"{e.where} {self.step}")
         bar.close()
         train_seconds = time.perf_counter() - t_train
         after = self.evaluate()
@@ -1201,6 +1250,37 @@ class GRPOTrainer:
             columns = "".join(f" | {k}={v[i]!r}" for k, v in extra.items() if i < len(v))
             logger.info("sample | %r%s", c, columns)
 
+    def _step_start(self) -> dict:
+        """What a step changes before its optimiser update, as it was at the step's start: put back by
+        ``_abandon_step`` so that a stop in the middle of a step checkpoints the step's start."""
+        # acc.step counts micro-steps for gradient accumulation and is saved with the checkpoint
+        return {"rng": preemption.RandomStates(), "data": copy.deepcopy(self.stream.state_dict()),
+                "sampling": dict(self.sampling), "micro_steps": self.acc.step}
+
+    def _abandon_step(self, start: dict) -> None:
+        start["rng"].restore()
+        self.stream.load_state_dict(start["data"])
+        self.sampling = start["sampling"]
+        self.acc.step = start["micro_steps"]
+        if not self.deepspeed:  # gradients of the abandoned micro-batches (DeepSpeed's are not saved)
+            self.optimizer.zero_grad()
+
+    def _stop_on_request(self, where: str) -> None:
+        """Every rank agreed to stop: write the checkpoint of the last finished step (unless it was just
+        written), leave OUTPUT_DIR/preempted, and raise TrainingStopped."""
+        name = preemption.signal_name(getattr(self, "_stop_signal", 0))
+        t0 = self.stop.received_at or time.monotonic()
+        path = (Path(self.cfg.output_dir) / f"checkpoint-{self.step}" if self._last_saved_step == self.step
+                else self.save_checkpoint())
+        seconds = time.monotonic() - t0
+        if self.acc.is_main_process:
+            preemption.write_marker(self.cfg.output_dir, self.step, path, name, seconds)
+            logger.warning("%s: stopped at %s; checkpoint %s written %.1f s after the signal", name, where, path,
+                           seconds)
+        raise TrainingStopped(f"stopped by {name} at {where}: saved {path} ({seconds:.1f} s after the signal) and "
+                              f"wrote {Path(self.cfg.output_dir) / preemption.MARKER}; continue with "
+                              "--resume_from_checkpoint latest")
+
     def _abort(self) -> None:
         path = self.save_checkpoint()
         raise TrainingAborted(
@@ -1221,8 +1301,10 @@ class GRPOTrainer:
         """OUTPUT_DIR/checkpoint-STEP, written atomically (see grpo_scale.checkpoint). Collective."""
         # LoRA: the trainable state only (adapter and optimiser); the frozen base is reloaded on resume
         kwargs = {"exclude_frozen_parameters": True} if self.cfg.use_peft and self.deepspeed else {}
-        return ckpt.save_checkpoint(self.acc, self.cfg.output_dir, self.step, self._trainer_state(),
+        path = ckpt.save_checkpoint(self.acc, self.cfg.output_dir, self.step, self._trainer_state(),
                                     self.cfg.save_total_limit, **kwargs)
+        self._last_saved_step = self.step
+        return path
 
     def _load_checkpoint(self, path: Path) -> None:
         """Restore model, optimiser, scheduler, this rank's RNG states, data position and history."""
@@ -1303,8 +1385,11 @@ class GRPOTrainer:
         acc = self.acc
         out = Path(self.cfg.output_dir)
         self._write_model(out / "final", out / "adapter")
+        summary_file = out / "summary.json"
+        error = ckpt.attempt(lambda: summary_file.write_text(json.dumps(strict_json(summary), indent=1,
+                                                                        allow_nan=False))) if acc.is_main_process else None
+        ckpt.agree_written(acc, error, "summary.json", out)
         if acc.is_main_process:
-            (out / "summary.json").write_text(json.dumps(strict_json(summary), indent=1, allow_nan=False))
             try:
                 for path in report.write_reports(out, self, summary):
                     logger.info("wrote %s", path)
@@ -1321,32 +1406,45 @@ class GRPOTrainer:
         self._write_model(out, out / "adapter")
 
     def _write_model(self, final: Path, adapter: Path) -> None:
+        """Rank 0 writes; a write error (disk full) is agreed on by every rank and raised as CheckpointError
+        on all of them, instead of leaving the others at a barrier."""
         acc = self.acc
         if self.cfg.use_peft:
-            self._save_lora(final, adapter)
+            error = self._save_lora(final, adapter)
         else:
             state_dict = acc.get_state_dict(self.model)  # gathers ZeRO-3 shards on rank 0
-            if acc.is_main_process:
+
+            def write():
                 model = acc.unwrap_model(self.model)
                 model.config.use_cache = True
-                model.save_pretrained(final, state_dict=state_dict, safe_serialization=True)
-                model.config.use_cache = False
-        if acc.is_main_process:
-            self.tokenizer.save_pretrained(final)
-        acc.wait_for_everyone()
+                try:
+                    model.save_pretrained(final, state_dict=state_dict, safe_serialization=True)
+                finally:
+                    model.config.use_cache = False
+            error = ckpt.attempt(write) if acc.is_main_process else None
+        if acc.is_main_process and error is None:
+            error = ckpt.attempt(lambda: self.tokenizer.save_pretrained(final))
+        ckpt.agree_written(acc, error, f"{final.name}/", Path(self.cfg.output_dir))
 
-    def _save_lora(self, final: Path, adapter: Path) -> None:
+    def _save_lora(self, final: Path, adapter: Path) -> Optional[str]:
         """``adapter`` (the adapter alone: PeftModel.from_pretrained(base, dir)) and ``final`` (the base with
-        the adapter merged, a plain transformers model). Collective under ZeRO-3."""
+        the adapter merged, a plain transformers model). Collective under ZeRO-3. Returns rank 0's write
+        error (see ``checkpoint.attempt``)."""
         with self.gathered(self.model) as peft_model:
-            if self.acc.is_main_process:
+            if not self.acc.is_main_process:
+                return None
+
+            def write():
                 peft_model.save_pretrained(adapter, selected_adapters=["default"], safe_serialization=True)
                 self.tokenizer.save_pretrained(adapter)
                 merged = lora.merged_state_dict(peft_model)
                 base = peft_model.get_base_model()
                 base.config.use_cache = True
-                base.save_pretrained(final, state_dict=merged, safe_serialization=True)
-                base.config.use_cache = False
+                try:
+                    base.save_pretrained(final, state_dict=merged, safe_serialization=True)
+                finally:
+                    base.config.use_cache = False
+            return ckpt.attempt(write)
 
 
 def strict_json(value):

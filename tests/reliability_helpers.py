@@ -165,6 +165,14 @@ def max_weight_diff(dir_a: Path, dir_b: Path) -> float:
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in common)
 
 
+def adapter_weight_diff(a: Path, b: Path) -> float:
+    """max |dw| over the adapters (adapter/) of two LoRA runs."""
+    from safetensors.torch import load_file
+    x, y = (load_file(str(d / "adapter" / "adapter_model.safetensors")) for d in (a, b))
+    assert x.keys() == y.keys() and any("lora_B" in k for k in x)
+    return max(float((x[k].double() - y[k].double()).abs().max()) for k in x)
+
+
 def scalars(logdir: Path, tag: str) -> list[tuple[int, float]]:
     """(step, value) of one TensorBoard tag as TensorBoard shows it (purged events dropped)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

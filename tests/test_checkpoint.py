@@ -15,9 +15,10 @@ class FakeAccelerator:
     """One process; save_state writes two files, or dies half-way when told to."""
 
     is_main_process = is_local_main_process = True
+    num_processes = 1
 
-    def __init__(self, die_in_save: bool = False):
-        self.die_in_save = die_in_save
+    def __init__(self, die_in_save: bool = False, disk_full: bool = False):
+        self.die_in_save, self.disk_full = die_in_save, disk_full
 
     def wait_for_everyone(self):
         pass
@@ -28,6 +29,8 @@ class FakeAccelerator:
         (out / "model.safetensors").write_bytes(b"weights")
         if self.die_in_save:
             raise KeyboardInterrupt("killed while writing")  # stands for SIGKILL half-way through
+        if self.disk_full:
+            raise OSError(28, "No space left on device", str(out / "optimizer.bin"))
         (out / "optimizer.bin").write_bytes(b"state")
 
 
@@ -89,6 +92,17 @@ def test_kill_during_save_leaves_the_previous_checkpoint_latest(tmp_path, monkey
     ckpt.save_checkpoint(FakeAccelerator(), tmp_path, 8, {"step": 8, "again": 2})     # replaces in place
     assert ckpt.load_trainer_state(ckpt.resolve_resume(tmp_path, "latest"))["again"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4", "checkpoint-8"]
+
+
+def test_a_failed_write_keeps_the_previous_checkpoint_and_says_so(tmp_path):
+    ckpt.save_checkpoint(FakeAccelerator(), tmp_path, 4, {"step": 4})
+    with pytest.raises(ckpt.CheckpointError) as e:
+        ckpt.save_checkpoint(FakeAccelerator(disk_full=True), tmp_path, 8, {"step": 8})
+    assert str(e.value).startswith("checkpoint-8 could not be written (rank 0: OSError: [Errno 28] No space left "
+                                   "on device: ")
+    assert f"the newest complete checkpoint, {tmp_path / 'checkpoint-4'}, is intact" in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4"]  # nothing of checkpoint-8 left
+    assert ckpt.save_checkpoint(FakeAccelerator(), tmp_path, 8, {"step": 8}) == tmp_path / "checkpoint-8"
 
 
 def test_check_compatible_names_what_differs(tmp_path):

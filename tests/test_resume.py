@@ -3,8 +3,9 @@ its step-5 TensorBoard point), resumed with `--resume_from_checkpoint latest`, a
 uninterrupted run: final weights equal (max |dw| <= 1e-6), TensorBoard curves equal with each step once,
 held-out evaluation before training not repeated. Single process and 2 ranks under DeepSpeed ZeRO-2, full
 fine-tuning and LoRA (whose checkpoints hold the adapter and its optimiser state, not the frozen base). The
-one-process cases run with `-m slow` (the default suite kills and resumes 2 ranks; tests/test_checkpoint.py
-resumes one-process trainers in-process)."""
+default suite kills and resumes 2 ranks with full fine-tuning; the one-process and LoRA cases run with
+`-m slow` (tests/test_checkpoint.py resumes one-process trainers in-process, and tests/test_preemption.py
+stops 2 LoRA ranks three times and resumes them, exactly)."""
 import json
 from pathlib import Path
 
@@ -77,20 +78,13 @@ def test_kill_and_resume_two_ranks_zero2(tmp_path):
     check_summaries(r["ref"], r["run"])
 
 
-def lora_weight_diff(a: Path, b: Path) -> float:
-    """max |dw| over the adapters (adapter/) of two LoRA runs."""
-    from safetensors.torch import load_file
-    x, y = (load_file(str(d / "adapter" / "adapter_model.safetensors")) for d in (a, b))
-    assert x.keys() == y.keys() and any("lora_B" in k for k in x)
-    return max(float((x[k].double() - y[k].double()).abs().max()) for k in x)
-
-
-@pytest.mark.parametrize("ranks", [pytest.param(1, marks=pytest.mark.slow), 2])
+@pytest.mark.slow  # 2 ranks, LoRA: also tests/test_preemption.py's chain of stops and resumes
+@pytest.mark.parametrize("ranks", [1, 2])
 def test_kill_and_resume_lora(tmp_path, ranks):
     """LoRA with the reference as adapters-off: the resumed run's adapter and merged final/ equal the
     uninterrupted run's, and the checkpoint holds the trainable state only."""
     r = kill_and_resume(tmp_path, ranks=ranks, extra=LORA)
-    da = lora_weight_diff(r["ref"], r["run"])
+    da = rh.adapter_weight_diff(r["ref"], r["run"])
     print(f"LoRA, {ranks} rank(s): max |dw| adapter {da:.3g}, merged final/ {r['dw']:.3g}")
     assert da <= TOL and r["dw"] <= TOL
     assert rh.max_weight_diff(r["run"] / "final", Path(rh.tiny_model_path())) > 1e-4
