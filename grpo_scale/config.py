@@ -127,6 +127,12 @@ class _Fields:
                                 "completions). verl's and OpenRLHF's option; TRL has none.")
     max_sampling_rounds: int = _f(10, "With dynamic_sampling: at most this many generation batches sampled per step "
                                   "(verl's max_num_gen_batches default).")
+    reward_timeout: Optional[float] = _f(None, "Seconds a reward function call may take (null: no limit). Synchronous "
+                                         "functions then run in a worker process, which is killed when a call runs "
+                                         "over (they must be importable: module:function or a built-in); async "
+                                         "functions are bounded in the training process. A call that runs over "
+                                         "scores its items as missing and counts as a raise for reward_fail_steps. "
+                                         "Reward models are not bounded.")
     scale_rewards: str = _f("group", "Advantage scaling: group (divide by the group's std), batch (by the whole "
                             "batch's std) or none.")
 
@@ -272,6 +278,8 @@ class _Fields:
              f"task_mix weights must be >= 0 with a positive sum, got {self.task_mix}")
         unknown = set(self.task_mix) - {"arithmetic", "polynomial"}
         need(not unknown, f"task_mix has unknown task(s) {sorted(unknown)}; known: arithmetic, polynomial")
+        need(self.reward_timeout is None or self.reward_timeout > 0,
+             f"reward_timeout must be > 0 seconds or null, got {self.reward_timeout}")
         need(self.max_sampling_rounds >= 1, f"max_sampling_rounds must be >= 1, got {self.max_sampling_rounds}")
         need(len(self.reward_funcs) >= 1, "reward_funcs is empty: name at least one reward function")
         need(self.reward_weights is None or len(self.reward_weights) == len(self.reward_funcs),

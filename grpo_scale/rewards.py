@@ -52,8 +52,6 @@ import sys
 from fractions import Fraction
 from typing import Callable, Iterable, Sequence
 
-import torch
-
 from grpo_scale import safe_math
 from grpo_scale.tasks.prompts import is_conversational
 
@@ -341,14 +339,17 @@ def call_reward(fn, **kwargs) -> list:
     """``fn(**kwargs)`` under the contract: a function without ``**kwargs`` gets only the arguments it
     names (TRL requires ``**kwargs``; a plain ``def f(completions, answer)`` works here too); an
     ``async def`` function is run to completion."""
-    accepted = _accepted(fn)
-    if accepted is not None:
-        kwargs = {k: v for k, v in kwargs.items() if k in accepted}
-    out = fn(**kwargs)
+    out = fn(**accepted_kwargs(fn, kwargs))
     if inspect.isawaitable(out):
         import asyncio
         out = asyncio.run(_awaited(out))
     return out
+
+
+def accepted_kwargs(fn, kwargs: dict) -> dict:
+    """The arguments of ``kwargs`` that ``fn`` takes (all of them when it takes ``**kwargs``)."""
+    accepted = _accepted(fn)
+    return kwargs if accepted is None else {k: v for k, v in kwargs.items() if k in accepted}
 
 
 async def _awaited(awaitable):
@@ -541,6 +542,7 @@ def compute_rewards(funcs: Sequence[RewardFunc], weights: Sequence[float] | None
     Returns (per_func [N, F] float32 with NaN for missing, total [N] float32): total is the weighted sum
     over the functions that scored the item, NaN when none did (its advantage is then 0).
     """
+    import torch  # here, not at the top: reward worker processes import this module and need no torch
     n, f = len(completions), len(funcs)
     if f == 0:
         raise ValueError("no reward functions: name at least one in reward_funcs")

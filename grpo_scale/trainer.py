@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from grpo_scale import checkpoint as ckpt
-from grpo_scale import dynamic, lora, preemption
+from grpo_scale import dynamic, lora, preemption, reward_timeout
+from grpo_scale.reward_timeout import RewardTimeout
 from grpo_scale.config import ConfigError, GRPOConfig, adapter_base, is_adapter_dir
 from grpo_scale.rewards import call_reward, check_reward_columns, compute_rewards, get_reward_funcs
 from grpo_scale.rollout import (CacheNotRepeatable, Rollout, cache_argument, can_share_prompt,
@@ -154,11 +155,15 @@ def guard_reward(fn, name: str, max_logged: int = 3):
     def guarded(**kwargs):
         guarded.failure = None
         prompts, completions = kwargs["prompts"], kwargs["completions"]
+        n = len(completions)
         try:
             return call_reward(fn, **kwargs)
+        except RewardTimeout as e:  # no item-by-item retry: each item could take as long
+            logger.warning("reward %s %s: its %d item(s) are scored as missing", name, e, n)
+            guarded.failure = f"RewardTimeout: {e}"
+            return [None] * n
         except Exception as batch_error:  # noqa: BLE001 - user code; find the items that fail
             first_error = last_error = batch_error
-        n = len(completions)
         per_item = {k for k, v in kwargs.items() if isinstance(v, list) and len(v) == n}
         out, failed = [], 0
         for i, (prompt, completion) in enumerate(zip(prompts, completions)):
@@ -644,6 +649,12 @@ class GRPOTrainer:
             check_reward_columns(funcs, names, self.columns)
         except ValueError as e:
             raise ConfigError(f"reward_funcs: {e}") from None
+        try:  # after the column check, which reads the functions' own signatures
+            funcs = [f if isinstance(f, RewardModel) else reward_timeout.bound(f, n, cfg.reward_timeout)
+                     for f, n in zip(funcs, names)]
+        except ValueError as e:
+            raise ConfigError(f"reward_funcs: {e}") from None
+        self._bounded = [f for f in funcs if isinstance(f, reward_timeout.Bounded)]
         self.reward_names = names
         self.reward_funcs = [guard_reward(f, n) for f, n in zip(funcs, names)]
         self.reward_weights = cfg.reward_weights or [1.0] * len(funcs)
@@ -1164,6 +1175,8 @@ class GRPOTrainer:
             return self._train()
         finally:
             self.stop.uninstall()
+            for f in getattr(self, "_bounded", []):  # reward worker processes
+                f.close()
 
     def _train(self) -> dict:
         cfg, acc = self.cfg, self.acc

@@ -155,6 +155,20 @@ def constant_reward(prompts, completions, **columns):
     return [1.0] * len(completions)
 
 
+def hanging_reward(prompts, completions, **columns):
+    """Never returns (an hour): a remote judge that does not answer."""
+    time.sleep(3600)
+
+
+def napping_reward(prompts, completions, nap, log_metric, log_extra, **columns):
+    """The completion's length, after sleeping ``nap[0]`` seconds; logs a metric and an extra column, as
+    TRL rewards may."""
+    time.sleep(nap[0])
+    log_metric("mean_chars", sum(len(completion_text(c)) for c in completions) / len(completions))
+    log_extra("chars", [len(completion_text(c)) for c in completions])
+    return [float(len(completion_text(c))) for c in completions]
+
+
 # ---------------------------------------------------------------------------- reading outputs
 def max_weight_diff(dir_a: Path, dir_b: Path) -> float:
     """max |w_a - w_b| over the tensors of two model.safetensors files."""

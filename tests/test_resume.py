@@ -2,10 +2,10 @@
 its step-5 TensorBoard point), resumed with `--resume_from_checkpoint latest`, and compared with an
 uninterrupted run: final weights equal (max |dw| <= 1e-6), TensorBoard curves equal with each step once,
 held-out evaluation before training not repeated. Single process and 2 ranks under DeepSpeed ZeRO-2, full
-fine-tuning and LoRA (whose checkpoints hold the adapter and its optimiser state, not the frozen base). The
-default suite kills and resumes 2 ranks with full fine-tuning; the one-process and LoRA cases run with
-`-m slow` (tests/test_checkpoint.py resumes one-process trainers in-process, and tests/test_preemption.py
-stops 2 LoRA ranks three times and resumes them, exactly)."""
+fine-tuning and LoRA (whose checkpoints hold the adapter and its optimiser state, not the frozen base).
+These run with `-m slow`: the default suite kills and resumes 2 ranks at the end of tests/test_preemption.py's
+chain of stops (full fine-tuning, with the same weight and TensorBoard checks), resumes a one-process LoRA
+trainer three times there, and tests/test_checkpoint.py resumes one-process trainers in-process."""
 import json
 from pathlib import Path
 
@@ -66,6 +66,7 @@ def test_kill_and_resume_single_process(tmp_path):
     check_summaries(r["ref"], r["run"])
 
 
+@pytest.mark.slow  # the default suite kills and resumes 2 ranks in tests/test_preemption.py's chain
 def test_kill_and_resume_two_ranks_zero2(tmp_path):
     r = kill_and_resume(tmp_path, ranks=2)
     print(f"2-rank ZeRO-2: max |dw| = {r['dw']:.3g}")
