@@ -95,3 +95,42 @@ def test_kill_and_resume_lora(tmp_path, ranks):
     assert held < base / 10, f"checkpoint model state {held} bytes: it holds the frozen base ({base} bytes)"
     check_tensorboard(r["ref"], r["run"])
     check_summaries(r["ref"], r["run"])
+
+
+@pytest.mark.slow
+def test_soak_killed_five_times_at_random_moments(tmp_path):
+    """200 steps with save_steps 5, SIGKILLed five times (each time a random 0-2 s after the run passed a
+    new checkpoint: in a step, a save or the evaluation) and resumed each time: the final weights equal the
+    uninterrupted run's."""
+    import os
+    import random
+    import signal
+    import subprocess
+    import time
+
+    from grpo_scale import checkpoint as ckpt
+    args = ["--model_name_or_path", rh.tiny_model_path(), *rh.FAST, "--max_steps", "200", "--save_steps", "5",
+            "--report_to", "none", "--disable_tqdm", "true"]
+    ref, run = tmp_path / "uninterrupted", tmp_path / "killed"
+    proc = rh.run(args + ["--output_dir", str(ref)], timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    rng, kills = random.Random(20261201), []
+    for _ in range(5):
+        before = [p.name for p in ckpt.list_checkpoints(run)]
+        p = subprocess.Popen(rh.command(args + ["--output_dir", str(run), "--resume_from_checkpoint", "latest"]),
+                             cwd=rh.ROOT, env=rh.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+        deadline = time.monotonic() + 300
+        while [q.name for q in ckpt.list_checkpoints(run)] == before:
+            assert p.poll() is None and time.monotonic() < deadline, "the run ended or stalled before a new checkpoint"
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0, 2))
+        assert p.poll() is None, "the run finished before it could be killed"
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+        kills.append(ckpt.list_checkpoints(run)[-1].name)
+    proc = rh.run(args + ["--output_dir", str(run), "--resume_from_checkpoint", "latest"], timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    dw = rh.max_weight_diff(ref / "final", run / "final")
+    print(f"soak: killed after {kills}, resumed each time: max |dw| = {dw:.3g}")
+    assert dw <= TOL
