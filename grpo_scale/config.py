@@ -178,6 +178,10 @@ class _Fields:
                          "is true or the run resumes from it.")
     overwrite_output_dir: bool = _f(False, "Replace the finished run in output_dir (its final/, summary.json and "
                                     "checkpoints are overwritten, TensorBoard's curves restart).")
+    stop_grace_seconds: float = _f(25.0, "Seconds between a stop signal (SIGTERM, SIGUSR1, SIGINT) and the kill that "
+                                   "follows it (torchrun kills the ranks 30 s after forwarding a SIGTERM; a "
+                                   "scheduler's grace period may differ). The run warns when a checkpoint save takes "
+                                   "longer, and OUTPUT_DIR/preempted says whether a stop's save fit in it.")
     logging_steps: int = _f(10, "Log metrics every this many steps.")
     eval_strategy: Optional[str] = _f(None, "no | steps: evaluate every eval_steps during training (null: steps "
                                       "when eval_steps > 0). Held-out accuracy before and after training is always "
@@ -278,6 +282,7 @@ class _Fields:
              f"task_mix weights must be >= 0 with a positive sum, got {self.task_mix}")
         unknown = set(self.task_mix) - {"arithmetic", "polynomial"}
         need(not unknown, f"task_mix has unknown task(s) {sorted(unknown)}; known: arithmetic, polynomial")
+        need(self.stop_grace_seconds > 0, f"stop_grace_seconds must be > 0, got {self.stop_grace_seconds}")
         need(self.reward_timeout is None or self.reward_timeout > 0,
              f"reward_timeout must be > 0 seconds or null, got {self.reward_timeout}")
         need(self.max_sampling_rounds >= 1, f"max_sampling_rounds must be >= 1, got {self.max_sampling_rounds}")

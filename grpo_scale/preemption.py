@@ -108,12 +108,13 @@ def signal_name(signum: int) -> str:
 
 
 def write_marker(output_dir: str | os.PathLike, step: int, checkpoint: Path, signal_name: str,
-                 seconds: float) -> Path:
+                 seconds: float, grace: float) -> Path:
     """OUTPUT_DIR/preempted: what a requeue script reads (the launcher's exit status does not say)."""
     path = Path(output_dir) / MARKER
     part = path.with_name(f".{MARKER}.{os.getpid()}.part")
     part.write_text(json.dumps({"step": step, "checkpoint": str(checkpoint), "signal": signal_name,
-                                "seconds_to_save": round(seconds, 3), "resume": "--resume_from_checkpoint latest"},
+                                "seconds_to_save": round(seconds, 3), "within_grace": seconds <= grace,
+                                "stop_grace_seconds": grace, "resume": "--resume_from_checkpoint latest"},
                                indent=1) + "\n")
     os.replace(part, path)
     return path

@@ -1285,11 +1285,11 @@ class GRPOTrainer:
         t0 = self.stop.received_at or time.monotonic()
         path = (Path(self.cfg.output_dir) / f"checkpoint-{self.step}" if self._last_saved_step == self.step
                 else self.save_checkpoint())
-        seconds = time.monotonic() - t0
+        seconds, grace = time.monotonic() - t0, self.cfg.stop_grace_seconds
         if self.acc.is_main_process:
-            preemption.write_marker(self.cfg.output_dir, self.step, path, name, seconds)
-            logger.warning("%s: stopped at %s; checkpoint %s written %.1f s after the signal", name, where, path,
-                           seconds)
+            preemption.write_marker(self.cfg.output_dir, self.step, path, name, seconds, grace)
+            logger.warning("%s: stopped at %s; checkpoint %s written %.1f s after the signal (%s stop_grace_seconds=%g)",
+                           name, where, path, seconds, "within" if seconds <= grace else "NOT within", grace)
         raise TrainingStopped(f"stopped by {name} at {where}: saved {path} ({seconds:.1f} s after the signal) and "
                               f"wrote {Path(self.cfg.output_dir) / preemption.MARKER}; continue with "
                               "--resume_from_checkpoint latest")
@@ -1314,8 +1314,16 @@ class GRPOTrainer:
         """OUTPUT_DIR/checkpoint-STEP, written atomically (see grpo_scale.checkpoint). Collective."""
         # LoRA: the trainable state only (adapter and optimiser); the frozen base is reloaded on resume
         kwargs = {"exclude_frozen_parameters": True} if self.cfg.use_peft and self.deepspeed else {}
+        t0 = time.monotonic()
         path = ckpt.save_checkpoint(self.acc, self.cfg.output_dir, self.step, self._trainer_state(),
                                     self.cfg.save_total_limit, **kwargs)
+        seconds, grace = time.monotonic() - t0, self.cfg.stop_grace_seconds
+        if seconds > grace and not getattr(self, "_said_slow_save", False) and self.acc.is_main_process:
+            logger.warning("saving %s took %.1f s, more than stop_grace_seconds=%g: a run stopped by a signal could "
+                           "be killed before its checkpoint is complete (the previous one stays valid); ask the "
+                           "scheduler for a longer grace period and set stop_grace_seconds to it", path.name, seconds,
+                           grace)
+            self._said_slow_save = True
         self._last_saved_step = self.step
         return path
 

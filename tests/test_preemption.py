@@ -112,6 +112,7 @@ def test_signals_one_process(tmp_path, monkeypatch):
                 trainer.train()
         marker = json.loads((out / preemption.MARKER).read_text())
         assert marker["step"] == saved == trainer.step and marker["signal"] == signal.Signals(sig).name, marker
+        assert marker["within_grace"] and marker["seconds_to_save"] < 25, marker
         assert ckpt.list_checkpoints(out)[-1].name == f"checkpoint-{saved}"
         assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers removed after train()
     last = one_process_trainer(out, "--resume_from_checkpoint", "latest")
@@ -121,6 +122,14 @@ def test_signals_one_process(tmp_path, monkeypatch):
     dw = max(float((a.double() - want[k].double()).abs().max()) for k, a in weights(last).items())
     print(f"one process, LoRA, stopped at generation, backward and a save, resumed: max |dw| = {dw:.3g}")
     assert dw <= TOL
+
+
+def test_a_save_slower_than_the_grace_period_is_said(tmp_path, caplog):
+    trainer = one_process_trainer(tmp_path, "--stop_grace_seconds", "1e-6")
+    with caplog.at_level("WARNING", logger="grpo_scale"):
+        trainer.save_checkpoint()
+        trainer.save_checkpoint()
+    assert caplog.text.count("more than stop_grace_seconds=1e-06: a run stopped by a signal could be killed") == 1
 
 
 # ---------------------------------------------------------------------------- 2 ranks, launched
