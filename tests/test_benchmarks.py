@@ -127,6 +127,7 @@ def test_plots_are_drawn_from_the_csv(smallest_rows, tmp_path):
     assert all(p.stat().st_size > 1000 for p in written)
 
 
+@pytest.mark.slow  # the GPU check's dry run (tests/test_gpu_check.py, -m slow) runs the e2e stage too
 def test_e2e_suite_steps_our_sides_on_a_random_qwen2(tmp_path):
     """The e2e harness end to end on CPU (worker processes, line protocol, rows): our two sides on a
     randomly initialised model built by the GPU path's builder, shrunk to run in seconds."""
