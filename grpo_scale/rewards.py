@@ -407,18 +407,27 @@ def _import_user_function(name: str, where: str) -> RewardFunc:
     return func
 
 
+def builtin_names() -> list[str]:
+    """Every built-in reward's name, with or without parameters, for messages."""
+    return sorted([*BUILTIN_REWARDS, *BUILTIN_FACTORIES])
+
+
+def _called(name: str) -> tuple[str, re.Match | None]:
+    """(the name before any parentheses, the ``name(...)`` match or None)."""
+    call = _CALL.fullmatch(name)
+    return (call.group(1) if call else name), call
+
+
 def is_builtin(name: str) -> bool:
     """Whether ``name`` names a built-in reward (with or without parameters)."""
     name = name.strip()
-    call = _CALL.fullmatch(name)
-    return name in BUILTIN_REWARDS or (call.group(1) if call else name) in BUILTIN_FACTORIES
+    return name in BUILTIN_REWARDS or _called(name)[0] in BUILTIN_FACTORIES
 
 
 def _builtin_with_params(name: str, where: str, defaults: dict) -> RewardFunc | None:
     """A built-in with parameters (``BUILTIN_FACTORIES``) named alone or as ``name(key=value, ...)``;
     None when ``name`` is not one. The parameters are parsed, never evaluated."""
-    call = _CALL.fullmatch(name)
-    base = call.group(1) if call else name
+    base, call = _called(name)
     if base not in BUILTIN_FACTORIES:
         return None
     build, accepted = BUILTIN_FACTORIES[base]
@@ -461,8 +470,7 @@ def get_reward_funcs(names: Sequence[str], defaults: dict | None = None) -> list
         elif ":" in name:
             funcs.append(_import_user_function(name, where))
         else:
-            raise ValueError(f"{where}: unknown reward {name!r}; built-ins are "
-                             f"{sorted([*BUILTIN_REWARDS, *BUILTIN_FACTORIES])}, "
+            raise ValueError(f"{where}: unknown reward {name!r}; built-ins are {builtin_names()}, "
                              "or name your own as 'module:function'")
     return funcs
 

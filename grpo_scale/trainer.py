@@ -548,7 +548,7 @@ class GRPOTrainer:
     def _reward_object(self, r, i: int):
         """One entry of the constructor's reward_funcs as a function: a callable as it is; a name as the
         command line reads it; a reward model (loaded, or a folder / name that is not a function)."""
-        from grpo_scale.rewards import BUILTIN_FACTORIES, BUILTIN_REWARDS, is_builtin
+        from grpo_scale.rewards import builtin_names, is_builtin
         if isinstance(r, torch.nn.Module):
             return RewardModel(self._placed(r), self._reward_tokenizer(i, r), self.gathered)
         if callable(r):
@@ -562,8 +562,7 @@ class GRPOTrainer:
             model = AutoModelForSequenceClassification.from_pretrained(r, num_labels=1, use_safetensors=True,
                                                                        trust_remote_code=self.cfg.trust_remote_code)
         except (OSError, ValueError) as e:
-            raise ValueError(f"reward_funcs[{i}]: {r!r} is not a built-in reward "
-                             f"({sorted([*BUILTIN_REWARDS, *BUILTIN_FACTORIES])}), not "
+            raise ValueError(f"reward_funcs[{i}]: {r!r} is not a built-in reward ({builtin_names()}), not "
                              f"'module:function', and loading it as a reward model failed: {e}") from None
         return RewardModel(self._placed(model), self._reward_tokenizer(i, model), self.gathered)
 
