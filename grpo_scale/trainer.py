@@ -664,11 +664,13 @@ class GRPOTrainer:
         """The plain module of ``model`` (the policy's engine, or the reference), with ZeRO-3's partitioned
         weights gathered once for the whole block: a collective, entered by every rank alike. A module
         outside a DeepSpeed engine has no hooks that gather its weights, so each of its forwards must run
-        inside this block."""
-        model = self.acc.unwrap_model(model)
+        inside this block. The engine's hooks are off inside it, so its forwards there are local: ranks may
+        run different numbers of them (decoding stops at each rank's last end-of-sequence)."""
+        engine, model = model, self.acc.unwrap_model(model)
         if _partitioned(model):
             import deepspeed
-            with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+            with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None), \
+                    _zero3_hooks_off(engine):
                 yield model
         else:
             yield model
@@ -1487,6 +1489,39 @@ def param_bytes(model: torch.nn.Module) -> tuple[int, int]:
         held += part.numel() * part.element_size()
         full += getattr(p, "ds_numel", p.numel()) * part.element_size()
     return held, full
+
+
+@contextlib.contextmanager
+def _zero3_hooks_off(engine):
+    """A ZeRO-3 engine's parameter hooks removed for the block, registered again after it.
+
+    With the hooks on, a forward can be a collective even though ``GatheredParameters`` gathered every
+    weight for the block: the hook at the start of the model's forward checks, while the coordinator's
+    trace is being recorded (after any change of the module order, such as decoding after training),
+    that all ranks recorded the same modules; and the hooks after each module's forward may release (partition
+    again) what the block gathered, so that the next forward gathers it again. Ranks whose completions
+    end at different steps would then wait on each other for ever. Inside the block every weight is whole,
+    so no hook is needed: all of them are off, the start-of-forward hook included (TRL's
+    ``remove_hooks`` leaves that one on). Registering them again invalidates the coordinator's trace (it
+    records afresh on the next forward of the engine); the modules keep their ids.
+    """
+    offload = getattr(getattr(engine, "optimizer", None), "parameter_offload", None)
+    if offload is None:  # not a ZeRO-3 engine (a partitioned reference has no hooks)
+        yield
+        return
+    root = offload.module
+    first_id = root.ds_id
+    start_of_forward = root._forward_pre_hooks[offload.fwd_pre_hook.id]
+    for p in root.parameters():
+        p.ds_active_sub_modules.clear()
+    for hook in [offload.fwd_pre_hook] + offload.forward_hooks + offload.backward_hooks:
+        hook.remove()
+    offload.forward_hooks, offload.backward_hooks = [], []
+    try:
+        yield
+    finally:
+        offload.fwd_pre_hook = root.register_forward_pre_hook(start_of_forward)  # first, as DeepSpeed has it
+        offload._register_deepspeed_module(root, count=[first_id])
 
 
 def _partitioned(model: torch.nn.Module) -> bool:

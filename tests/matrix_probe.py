@@ -10,8 +10,10 @@ rollout's tensors, the reference log-probs the trainer computed for it (``ref_lo
 0) and the policy's log-probs of the same rollout after training, computed by the trainer's own path;
 and the parameter bytes each rank holds of the reference; for LoRA cells, the adapter's state and the
 drift of the frozen base (``lora_state``). The test compares these with an independent
-forward of the initial weights.
+forward of the initial weights. Each rank also records the collectives its decoding loops called (none
+may be), and under ZeRO-3 rank 1 decodes half as many tokens as rank 0 (``watched_decoding``).
 """
+import contextlib
 import json
 import sys
 import time
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from grpo_scale import rollout
 from grpo_scale.config import load_config
 from grpo_scale.rewards import completion_text
 from grpo_scale.trainer import GRPOTrainer, param_bytes
@@ -59,12 +62,58 @@ def lora_state(peft_model, base_path: str) -> dict:
     return {"b_max": b_max, "trained_sum": trained, "base_drift": drift, "base_compared": compared}
 
 
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast",
+               "all_gather_object", "broadcast_object_list", "barrier")
+
+
+@contextlib.contextmanager
+def watched_decoding(cut_short: bool, seen: list):
+    """Every decoding loop of this process (``rollout.sample``) with the collectives it calls counted into
+    ``seen``: there must be none, or ranks that stop decoding at different steps wait on each other. With
+    ``cut_short`` the loop stops after half the tokens (at least one): under ZeRO-3 rank 1's completions
+    then end before rank 0's, as a real model's do when one rank's completions all reach end-of-sequence
+    first (the embedded model writes every completion to the limit)."""
+    original = rollout.sample
+    dist = torch.distributed
+
+    def counted(name):
+        call = getattr(dist, name)
+
+        def wrapper(*args, **kwargs):
+            seen.append(name)
+            return call(*args, **kwargs)
+        return call, wrapper
+
+    def watched(*args, max_new_tokens, **kwargs):
+        if cut_short:
+            max_new_tokens = max(1, max_new_tokens // 2)
+        saved = {n: counted(n) for n in COLLECTIVES}
+        for n, (_, wrapper) in saved.items():
+            setattr(dist, n, wrapper)
+        try:
+            return original(*args, max_new_tokens=max_new_tokens, **kwargs)
+        finally:
+            for n, (call, _) in saved.items():
+                setattr(dist, n, call)
+    rollout.sample = watched
+    try:
+        yield
+    finally:
+        rollout.sample = original
+
+
 def run_cell(out: Path, name: str, args: list[str]) -> None:
     from accelerate.state import AcceleratorState
     AcceleratorState._reset_state()  # a fresh Accelerator (precision, accumulation, DeepSpeed config) per cell
     cfg = load_config(args + ["--output_dir", str(out / name / "run")])
     trainer = GRPOTrainer(cfg)
     trainer.setup()
+    seen = []
+    with watched_decoding(trainer.zero_stage == 3 and trainer.acc.process_index == 1, seen):
+        _run_cell(out, name, cfg, trainer, seen)
+
+
+def _run_cell(out: Path, name: str, cfg, trainer: GRPOTrainer, seen: list) -> None:
     last = {}
     generate_and_score = trainer.generate_and_score
 
@@ -93,7 +142,7 @@ def run_cell(out: Path, name: str, args: list[str]) -> None:
         "ref_logps": None if batch["ref_logps"] is None else batch["ref_logps"].float().cpu(),
         "policy_logps": policy_logps.float().cpu(), "checksum": checksum,
         "ref_param_bytes": None if trainer.ref_model is None else param_bytes(trainer.ref_model),
-        "lora": lora_record,
+        "lora": lora_record, "collectives_in_decoding": sorted(set(seen)),
     }
     trainer.save(summary)
     torch.save(record, out / name / f"rank{acc.process_index}.pt")

@@ -169,6 +169,8 @@ def check_cell(out: Path, row, initial, initial_bf16, world: int = 2, groups_spa
                 for r in recs]
     assert groups_span_ranks or world == 1 or prompts[0].isdisjoint(prompts[1]), \
         f"{name}: the ranks sampled the same prompts"
+    for r in recs:  # ranks that stop decoding at different steps must not wait on each other
+        assert r["collectives_in_decoding"] == [], (name, r["process_index"], r["collectives_in_decoding"])
     checksums = [r["checksum"] for r in recs]
     assert max(checksums) - min(checksums) <= 1e-6 * max(1.0, abs(checksums[0])), f"{name}: ranks diverged"
 
