@@ -85,12 +85,14 @@ class CheckpointError(RuntimeError):
 
 
 def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, trainer_state: dict,
-                    save_total_limit: Optional[int] = None, **save_state_kwargs) -> Path:
+                    save_total_limit: Optional[int] = None, extra=None, **save_state_kwargs) -> Path:
     """Write ``OUTPUT_DIR/checkpoint-{step}`` atomically. Collective: every rank must call it.
 
     trainer_state: JSON-serialisable dict, identical on every rank (written by each node's local main
-    process). save_total_limit: keep only the newest this many complete checkpoints. save_state_kwargs go
-    to ``Accelerator.save_state`` (DeepSpeed's save_checkpoint). Returns the path.
+    process). save_total_limit: keep only the newest this many complete checkpoints. ``extra(folder)``: a
+    further writer called on every rank after Accelerate's files (the portable state; it may call
+    collectives). save_state_kwargs go to ``Accelerator.save_state`` (DeepSpeed's save_checkpoint).
+    Returns the path.
 
     A write that fails on any rank (OSError: disk full, permissions) is caught there, and the ranks agree
     on the outcome after each phase (one small all-reduce) instead of meeting at a barrier that a failed
@@ -117,8 +119,10 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, train
         if accelerator.is_main_process:
             _publish(tmp, final)
 
-    for phase in (prepare, lambda: _save_files(accelerator, tmp, trainer_state, **save_state_kwargs), describe,
-                  publish):
+    phases = [prepare, lambda: _save_files(accelerator, tmp, trainer_state, **save_state_kwargs)]
+    if extra is not None:
+        phases.append(lambda: extra(tmp))
+    for phase in (*phases, describe, publish):
         agree_written(accelerator, attempt(phase), final.name, root, remove=tmp)
     if accelerator.is_local_main_process:
         if tmp.exists():  # a node that does not share rank 0's file system publishes its own copy
@@ -193,19 +197,35 @@ def load_trainer_state(path: str | os.PathLike) -> dict:
     return json.loads((Path(path) / STATE_FILE).read_text())
 
 
-def check_compatible(state: dict, path: Path, *, num_processes: int, zero_stage: int, seed: int) -> None:
-    """Raise ConfigError when this launch cannot continue the run that wrote ``state`` exactly.
-
-    Optimiser shards and per-rank RNG states are per process, and the data stream is seeded: resuming
-    needs the same number of processes, ZeRO stage and seed.
-    """
-    saved = {"num_processes": state.get("num_processes", num_processes),
-             "zero_stage": state.get("zero_stage", zero_stage), "seed": state.get("seed", seed)}
-    now = {"num_processes": num_processes, "zero_stage": zero_stage, "seed": seed}
-    diff = [f"{k} {saved[k]} (checkpoint) vs {now[k]} (this run)" for k in now if saved[k] != now[k]]
-    if diff:
-        raise ConfigError(f"cannot resume from {path}: {'; '.join(diff)}. Launch with the same accelerate "
-                          "config (num_processes, zero_stage) and seed as the run that wrote it")
+def check_compatible(state: dict, path: Path, *, num_processes: int, zero_stage: int, seed: int,
+                     batch: dict) -> bool:
+    """Whether this launch has the shape of the run that wrote ``state`` (number of processes and ZeRO
+    stage): then Accelerate's and DeepSpeed's per-process files load as they are; otherwise the portable
+    state does (``grpo_scale.portable``). Raises ConfigError for what no resume can bridge: another seed
+    (the data stream is seeded), or another global batch. ``batch``: this run's per_device_train_batch_size
+    and gradient_accumulation_steps."""
+    saved_seed = state.get("seed", seed)
+    if saved_seed != seed:
+        raise ConfigError(f"cannot resume from {path}: seed {saved_seed} (checkpoint) vs {seed} (this run): the "
+                          "prompt stream is seeded; resume with the seed of the run that wrote it")
+    then = {"num_processes": state.get("num_processes", num_processes), "zero_stage": state.get("zero_stage", zero_stage)}
+    cfg = state.get("config", {})
+    per_device = int(cfg.get("per_device_train_batch_size", batch["per_device_train_batch_size"]))
+    accumulation = int(cfg.get("gradient_accumulation_steps", batch["gradient_accumulation_steps"]))
+    before = then["num_processes"] * per_device * accumulation
+    now = num_processes * batch["per_device_train_batch_size"] * batch["gradient_accumulation_steps"]
+    if before != now:
+        keep = [f"--gradient_accumulation_steps {before // (num_processes * batch['per_device_train_batch_size'])}"
+                ] if before % (num_processes * batch["per_device_train_batch_size"]) == 0 else []
+        keep += [f"--per_device_train_batch_size {before // (num_processes * batch['gradient_accumulation_steps'])}"
+                 ] if before % (num_processes * batch["gradient_accumulation_steps"]) == 0 else []
+        fix = (f"keep it with {' or '.join(keep)}" if keep else
+               f"choose per_device_train_batch_size x gradient_accumulation_steps = {before} / {num_processes}")
+        raise ConfigError(
+            f"cannot resume from {path}: its run trained {before} completions per step ({then['num_processes']} "
+            f"process(es) x per_device_train_batch_size {per_device} x gradient_accumulation_steps {accumulation}), "
+            f"this one would train {now}; the global batch must stay the same to continue the run: {fix}")
+    return then["num_processes"] == num_processes and then["zero_stage"] == zero_stage
 
 
 def _publish(tmp: Path, final: Path) -> None:

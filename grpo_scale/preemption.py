@@ -91,6 +91,17 @@ class RandomStates:
         self.torch = torch.get_rng_state()
         self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
 
+    @classmethod
+    def from_file(cls, path: Path) -> "RandomStates":
+        """The states in one of Accelerate's ``random_states_RANK.pkl`` (a pickle: own checkpoints only)."""
+        saved = torch.load(path, weights_only=False)
+        states = cls.__new__(cls)
+        states.python, states.numpy, states.torch = (saved["random_state"], saved["numpy_random_seed"],
+                                                     saved["torch_manual_seed"])
+        cuda = saved.get("torch_cuda_manual_seed")
+        states.cuda = cuda if cuda and torch.cuda.is_available() else None
+        return states
+
     def restore(self) -> None:
         import numpy as np
         random.setstate(self.python)

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from grpo_scale import checkpoint as ckpt
-from grpo_scale import dynamic, lora, preemption, reward_timeout
+from grpo_scale import dynamic, lora, portable, preemption, reward_timeout
 from grpo_scale.reward_timeout import RewardTimeout
 from grpo_scale.config import ConfigError, GRPOConfig, adapter_base, is_adapter_dir
 from grpo_scale.rewards import call_reward, check_reward_columns, compute_rewards, get_reward_funcs
@@ -1317,7 +1317,7 @@ class GRPOTrainer:
         kwargs = {"exclude_frozen_parameters": True} if self.cfg.use_peft and self.deepspeed else {}
         t0 = time.monotonic()
         path = ckpt.save_checkpoint(self.acc, self.cfg.output_dir, self.step, self._trainer_state(),
-                                    self.cfg.save_total_limit, **kwargs)
+                                    self.cfg.save_total_limit, extra=self._write_portable, **kwargs)
         seconds, grace = time.monotonic() - t0, self.cfg.stop_grace_seconds
         if seconds > grace and not getattr(self, "_said_slow_save", False) and self.acc.is_main_process:
             logger.warning("saving %s took %.1f s, more than stop_grace_seconds=%g: a run stopped by a signal could "
@@ -1328,20 +1328,87 @@ class GRPOTrainer:
         self._last_saved_step = self.step
         return path
 
+    def _write_portable(self, folder: Path) -> None:
+        """The checkpoint's shape-free state (``grpo_scale.portable``): gathered on every rank (collective
+        under DeepSpeed), written by each node's local main process."""
+        model = self.acc.unwrap_model(self.model)
+        tensors, shapes, adam_step = portable.gather(model, self.optimizer)
+        if self.acc.is_local_main_process:
+            portable.write(folder, tensors, {
+                "step": self.step, "adam_step": adam_step, "shapes": shapes,
+                "scheduler": portable.scheduler_state(self.scheduler), "num_processes": self.acc.num_processes,
+                "zero_stage": self.zero_stage, "use_peft": self.cfg.use_peft})
+
+    def _native_files(self, path: Path) -> list[str]:
+        """The files this rank needs to load ``path`` through Accelerate (and DeepSpeed) that are missing:
+        on a node that does not share rank 0's file system, the files only rank 0 writes are."""
+        rank = self.acc.process_index
+        need = [f"random_states_{rank}.pkl", "custom_checkpoint_0.pkl"]
+        if self.deepspeed:
+            tag = path / "pytorch_model"
+            need.append("pytorch_model/mp_rank_00_model_states.pt")
+            if not list(tag.glob(f"*zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")):
+                need.append(f"pytorch_model/*zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
+        else:
+            need += ["model.safetensors", "optimizer.bin"]
+        return [f for f in need if "*" in f or not (path / f).is_file()]
+
     def _load_checkpoint(self, path: Path) -> None:
-        """Restore model, optimiser, scheduler, this rank's RNG states, data position and history."""
+        """Restore model, optimiser, scheduler, this rank's RNG states, data position and history: through
+        Accelerate's files when this launch has the checkpoint's shape and every rank finds them, else
+        from the portable state (another number of processes or ZeRO stage; one folder per node)."""
         state = ckpt.load_trainer_state(path)
-        ckpt.check_compatible(state, path, num_processes=self.acc.num_processes, zero_stage=self.zero_stage,
-                              seed=self.cfg.seed)
-        step, cfg = int(state["step"]), self.cfg
+        cfg = self.cfg
+        same_shape = ckpt.check_compatible(
+            state, path, num_processes=self.acc.num_processes, zero_stage=self.zero_stage, seed=cfg.seed,
+            batch={"per_device_train_batch_size": cfg.per_device_train_batch_size,
+                   "gradient_accumulation_steps": cfg.gradient_accumulation_steps})
+        step = int(state["step"])
         if (cfg.max_steps - step) % cfg.num_iterations:  # num_iterations changed since the checkpoint
             raise ConfigError(f"cannot resume from {path} (step {step}) with num_iterations {cfg.num_iterations}: "
                               f"each rollout trains {cfg.num_iterations} steps, so the run would not end at "
                               f"max_steps {cfg.max_steps}; make max_steps - {step} a multiple of num_iterations")
-        rng = path / f"random_states_{self.acc.process_index}.pkl"
-        if not rng.is_file():  # Accelerate would only log this and sample differently from then on
-            raise ConfigError(f"cannot resume from {path}: it has no {rng.name} (RNG state of rank "
-                              f"{self.acc.process_index})")
+        missing = self._native_files(path) if same_shape else ["(another shape)"]
+        if self._on_all_ranks(not missing):
+            self._load_native(path)
+        else:
+            self._load_portable(path, state, missing)
+        self._restore_trainer_state(path, state)
+
+    def _load_portable(self, path: Path, state: dict, missing: list[str]) -> None:
+        """The portable state into this launch (any number of processes, ZeRO stage 0, 2 or 3)."""
+        cfg, acc = self.cfg, self.acc
+        if not portable.has(path):
+            raise ConfigError(
+                f"cannot resume from {path}: it was written by {state.get('num_processes')} process(es) under ZeRO "
+                f"stage {state.get('zero_stage')} and has no {portable.DIR}/ state (checkpoints before 0.4), and "
+                f"this launch ({acc.num_processes} process(es), ZeRO stage {self.zero_stage}) cannot load its "
+                f"per-process files (rank {acc.process_index} lacks {', '.join(missing)}); launch it as it was "
+                "written")
+        model = acc.unwrap_model(self.model)
+        wrong = portable.check_names(path, model)
+        if wrong:
+            raise ConfigError(f"cannot resume from {path}: its {portable.DIR}/ state is not this model's trainable "
+                              f"parameters ({wrong}); resume with the model and lora_* settings of the run that "
+                              "wrote it")
+        meta = portable.read_meta(path)
+        portable.load(path, model, self.optimizer)
+        self.scheduler.load_state_dict(meta["scheduler"])
+        for group, lr in zip(portable.inner_optimizer(self.optimizer).param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr
+        rng = path / f"random_states_{acc.process_index}.pkl"
+        same_world = meta["num_processes"] == acc.num_processes
+        if same_world and rng.is_file():
+            preemption.RandomStates.from_file(rng).restore()
+        else:  # a new rank layout: each rank's stream starts afresh, seeded by the run's seed, step and rank
+            set_seed(cfg.seed + 1_000_003 * int(state["step"]) + acc.process_index)
+        logger.info("resumed from the portable state of %s (written by %d process(es), ZeRO stage %d; this launch: "
+                    "%d, stage %d)%s", path, meta["num_processes"], meta["zero_stage"], acc.num_processes,
+                    self.zero_stage, "" if same_world else "; the per-rank random streams start afresh")
+
+    def _load_native(self, path: Path) -> None:
+        """Accelerate's load_state (DeepSpeed's load_checkpoint): the launch has the checkpoint's shape."""
+        cfg = self.cfg
         if cfg.use_peft:  # the checkpoint holds the trainable parameters only (see save_checkpoint)
             if self.deepspeed:
                 self.acc.load_state(str(path), load_module_strict=False)
@@ -1350,6 +1417,10 @@ class GRPOTrainer:
                 self.acc.load_state(str(path), strict=False)
         else:
             self.acc.load_state(str(path))  # after set_seed: the restored RNG states win
+
+    def _restore_trainer_state(self, path: Path, state: dict) -> None:
+        """Step, data position, history and counters from trainer_state.json."""
+        step = int(state["step"])
         try:
             self.stream.load_state_dict(state["data"])
         except ValueError as e:

@@ -60,18 +60,18 @@ def env(**extra) -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, **{k: str(v) for k, v in extra.items()}}
 
 
-def command(args: list[str], ranks: int = 1, script: Path = ROOT / "train.py") -> list[str]:
-    """``python train.py ARGS``, or its 2-rank ZeRO-2 launch."""
+def command(args: list[str], ranks: int = 1, script: Path = ROOT / "train.py", launch: str = "zero2") -> list[str]:
+    """``python train.py ARGS``, or its launch on ``ranks`` processes with accelerate_configs/LAUNCH.yaml."""
     if ranks == 1:
         return [sys.executable, str(script), *args]
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-            str(ROOT / "accelerate_configs" / "zero2.yaml"), "--num_processes", str(ranks), str(script), *args]
+            str(ROOT / "accelerate_configs" / f"{launch}.yaml"), "--num_processes", str(ranks), str(script), *args]
 
 
 def run(args: list[str], ranks: int = 1, timeout: float = 300, script: Path = ROOT / "train.py",
-        **env_extra) -> subprocess.CompletedProcess:
+        launch: str = "zero2", **env_extra) -> subprocess.CompletedProcess:
     """Run ``script ARGS`` (train.py by default) to completion; stdout and stderr captured."""
-    return subprocess.run(command(args, ranks, script), cwd=ROOT, env=env(**env_extra), capture_output=True,
+    return subprocess.run(command(args, ranks, script, launch), cwd=ROOT, env=env(**env_extra), capture_output=True,
                           text=True, timeout=timeout)
 
 
