@@ -1398,7 +1398,10 @@ class GRPOTrainer:
             group["lr"] = lr
         rng = path / f"random_states_{acc.process_index}.pkl"
         same_world = meta["num_processes"] == acc.num_processes
-        if same_world and rng.is_file():
+        if same_world and not rng.is_file():  # Accelerate would only log this and sample differently
+            raise ConfigError(f"cannot resume from {path}: it has no {rng.name} (RNG state of rank "
+                              f"{acc.process_index})")
+        if same_world:
             preemption.RandomStates.from_file(rng).restore()
         else:  # a new rank layout: each rank's stream starts afresh, seeded by the run's seed, step and rank
             set_seed(cfg.seed + 1_000_003 * int(state["step"]) + acc.process_index)

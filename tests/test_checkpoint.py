@@ -105,13 +105,6 @@ def test_a_failed_write_keeps_the_previous_checkpoint_and_says_so(tmp_path):
     assert ckpt.save_checkpoint(FakeAccelerator(), tmp_path, 8, {"step": 8}) == tmp_path / "checkpoint-8"
 
 
-def test_check_compatible_names_what_differs(tmp_path):
-    state = {"num_processes": 2, "zero_stage": 2, "seed": 7}
-    ckpt.check_compatible(state, tmp_path, num_processes=2, zero_stage=2, seed=7)
-    with pytest.raises(ConfigError, match=r"num_processes 2 \(checkpoint\) vs 1 \(this run\).*seed 7"):
-        ckpt.check_compatible(state, tmp_path, num_processes=1, zero_stage=2, seed=8)
-
-
 ARGS = ["--eval_size", "2", "--eval_batch_size", "2", "--max_completion_length", "8", "--report_to", "none",
         "--per_device_train_batch_size", "4", "--num_generations", "4", "--learning_rate", "1e-3",
         "--temperature", "2.0", "--cpu_threads", "1", "--lr_scheduler_type", "linear", "--max_steps", "4",

@@ -4,7 +4,8 @@ another number of processes or ZeRO stage.
 The chain test resumes one run through four launches: 2 ZeRO-2 ranks (checkpoint-2), one process with
 twice the gradient accumulation (checkpoint-4), 2 ZeRO-2 ranks again (checkpoint-6), 2 ZeRO-3 ranks (to
 step 8). After each load, ``tests/portable_probe.py`` gathers the weights and AdamW's moments as they stand
-in the new launch and compares them with what the writing launch gathered before it saved.
+in the new launch and compares them with what the writing launch gathered before it saved. Then
+``python -m grpo_scale.export`` turns the checkpoints of each kind of launch into plain model folders.
 """
 from __future__ import annotations
 
@@ -55,9 +56,32 @@ def test_one_run_resumed_on_one_process_two_zero2_ranks_and_zero3(tmp_path):
         assert got["lr"] == pytest.approx(1e-3 * (steps - 1) / 13, rel=1e-12), (what, got)  # warm-up, step+1
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 8
+    check_exports(out, tmp_path / "exported")
     state = json.loads((out / "checkpoint-8" / "trainer_state.json").read_text())
     assert [h["step"] for h in state["history"]] == list(range(1, 9))
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in state["history"])
+
+
+def check_exports(out: Path, to: Path) -> None:
+    """``python -m grpo_scale.export`` of the checkpoints of a ZeRO-2, a one-process and a ZeRO-3 launch:
+    plain transformers loads each, with the checkpoint's weights (the ZeRO-3 one's equal final/)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from grpo_scale import export
+    for step in (2, 4, 8):
+        ckpt = out / f"checkpoint-{step}"
+        assert export.main([str(ckpt), str(to / str(step))]) == 0
+        model = AutoModelForCausalLM.from_pretrained(to / str(step))
+        saved = portable.read(ckpt, "weights")
+        params = dict(model.named_parameters())
+        assert saved.keys() <= params.keys()
+        for name, value in saved.items():
+            assert torch.equal(params[name].detach(), value), (step, name)
+        assert AutoTokenizer.from_pretrained(to / str(step))("Solve 2+3")["input_ids"]
+    final = AutoModelForCausalLM.from_pretrained(out / "final")
+    exported = AutoModelForCausalLM.from_pretrained(to / "8")
+    for (name, a), b in zip(final.state_dict().items(), exported.state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 def test_a_changed_global_batch_is_refused_with_the_values_that_keep_it(tmp_path):
