@@ -20,8 +20,63 @@ from grpo_scale.config import ConfigError, actions, help_text, load_config, pars
 
 
 def _error(message: str) -> None:
-    if os.environ.get("RANK", "0") == "0":  # once, not once per rank
+    """Print an error once per distinct message across all ranks, naming the rank that raised it: the
+    first rank to report a message claims it in the launcher's key-value store (every rank of a launch
+    reaches it, on any node, without a collective); a rank that cannot reach the store prints anyway."""
+    rank, world = os.environ.get("RANK"), int(os.environ.get("WORLD_SIZE", "1"))
+    if rank is None or world == 1:
         print(f"error: {message}", file=sys.stderr)
+        return
+    if _first_to_say(message):
+        print(f"error (rank {rank}): {message}", file=sys.stderr, flush=True)
+
+
+def _store(timeout: float):
+    """The launcher's key-value store (torchrun's rendezvous store, which every rank of a launch reaches on
+    any node before and without a process group); None for one process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 or "MASTER_ADDR" not in os.environ:
+        return None
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.distributed_c10d._get_default_store()
+    return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                         timeout=timedelta(seconds=timeout))
+
+
+def _agreed(problem: str | None) -> str | None:
+    """Every rank's outcome of the checks before start-up, through the launcher's store: None when all
+    passed, else the problem (each rank's, named, when they differ), the same on every rank, so all stop
+    instead of waiting for the rank that stopped."""
+    try:
+        store = _store(timeout=300)
+    except Exception:  # no store: this rank's own outcome
+        return problem
+    if store is None:
+        return problem
+    world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+    prefix = f"grpo_scale/checks/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+    store.set(f"{prefix}{rank}", problem or "")
+    keys = [f"{prefix}{r}" for r in range(world)]
+    store.wait(keys)
+    outcomes = [store.get(k).decode() for k in keys]
+    failed = [(r, e) for r, e in enumerate(outcomes) if e]
+    if not failed:
+        return None
+    if len(failed) == world and len({e for _, e in failed}) == 1:
+        return failed[0][1]
+    return "; ".join(f"rank {r}: {e}" for r, e in failed)
+
+
+def _first_to_say(message: str) -> bool:
+    import hashlib
+    key = "grpo_scale/error/" + hashlib.sha256(message.encode()).hexdigest()
+    try:
+        store = _store(timeout=10)
+        return store is None or store.add(key, 1) == 1
+    except Exception:  # no store to agree through: better twice than not at all
+        return True
 
 
 def main(argv=None) -> int:
@@ -43,9 +98,17 @@ def main(argv=None) -> int:
         cfg = load_config(argv)
         if "check" in todo:
             return check(cfg, argv)
-        # Checks that need no model, before the heavy imports: the launcher has set WORLD_SIZE
-        cfg.check_world(int(os.environ.get("WORLD_SIZE", "1")))
-        cfg.check_paths()
+        # Checks that need no model, before the heavy imports: the launcher has set WORLD_SIZE. The files
+        # checked may differ between nodes, so all ranks agree on the outcome before any waits on another.
+        problem = None
+        try:
+            cfg.check_world(int(os.environ.get("WORLD_SIZE", "1")))
+            cfg.check_paths()
+        except ConfigError as e:
+            problem = str(e)
+        problem = _agreed(problem)
+        if problem:
+            raise ConfigError(problem)
         from grpo_scale.trainer import GRPOTrainer
         trainer = GRPOTrainer(cfg)
         trainer.setup()

@@ -368,24 +368,45 @@ class GRPOTrainer:
                 logger.warning("%s", note)
 
     def _resolve_resume(self) -> Optional[Path]:
-        """The checkpoint to continue from, chosen by rank 0 and broadcast, so all ranks load the same one."""
-        from accelerate.utils import broadcast_object_list
-        cfg = self.cfg
-        choice = [None]
-        if self.acc.is_main_process:
+        """The checkpoint to continue from, the same on every rank. ``latest``: the newest checkpoint that is
+        complete in every rank's output_dir, agreed by name (nodes that do not share a file system each
+        hold their own copy, under their own output_dir; a kill between two nodes' renames leaves the
+        newest on one node only). A path: every rank's own. A rank that cannot resume makes all raise."""
+        from accelerate.utils import gather_object
+        cfg, acc = self.cfg, self.acc
+        many = acc.num_processes > 1
+        if cfg.resume_from_checkpoint == "latest":
+            mine = [p.name for p in ckpt.list_checkpoints(cfg.output_dir)]
+            everyone = gather_object([mine]) if many else [mine]
+            common = set(everyone[0]).intersection(*everyone[1:])
+            if not common and any(everyone):
+                held = "; ".join(f"rank {r}: {', '.join(names) or 'none'}" for r, names in enumerate(everyone))
+                raise ConfigError(f"resume_from_checkpoint: latest: no checkpoint is complete in the output_dir of "
+                                  f"every rank ({held}); give each node the output_dir that holds its copy")
+            if not common:
+                if acc.is_main_process:
+                    logger.info("resume_from_checkpoint: latest: no complete checkpoint in %s yet; starting from "
+                                "scratch", cfg.output_dir)
+                return None
+            newest = max(common, key=lambda name: int(name.rsplit("-", 1)[1]))
+            if acc.is_main_process and newest != everyone[0][-1]:
+                logger.warning("resume_from_checkpoint: latest: %s is not complete on every node; resuming from %s",
+                               everyone[0][-1], newest)
+            return Path(cfg.output_dir) / newest
+        path, error = None, None
+        try:
             path = ckpt.resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint)
-            choice = [str(path) if path else None]
-            existing = ckpt.list_checkpoints(cfg.output_dir)
-            if cfg.resume_from_checkpoint == "latest" and path is None:
-                logger.info("resume_from_checkpoint: latest: no complete checkpoint in %s yet; starting from "
-                            "scratch", cfg.output_dir)
-            elif path is None and existing:
-                logger.warning("%s already holds checkpoints (newest: %s); this run starts from scratch and "
-                               "overwrites them. To continue that run, pass --resume_from_checkpoint latest",
-                               cfg.output_dir, existing[-1].name)
-        if self.acc.num_processes > 1:
-            broadcast_object_list(choice)
-        return Path(choice[0]) if choice[0] else None
+        except ConfigError as e:
+            error = str(e)
+        errors = gather_object([error]) if many else [error]
+        if any(errors):
+            raise ConfigError("; ".join(e if not many else f"rank {r}: {e}" for r, e in enumerate(errors) if e))
+        existing = ckpt.list_checkpoints(cfg.output_dir)
+        if path is None and existing and acc.is_main_process:
+            logger.warning("%s already holds checkpoints (newest: %s); this run starts from scratch and overwrites "
+                           "them. To continue that run, pass --resume_from_checkpoint latest", cfg.output_dir,
+                           existing[-1].name)
+        return path
 
     def _load_model(self, path: str):
         cfg = self.cfg
