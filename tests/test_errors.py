@@ -5,6 +5,7 @@ raise, and non-finite steps (skipped on every rank, then a checkpoint and a stop
 import importlib.util
 import json
 import logging
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -256,6 +257,7 @@ def test_a_reward_that_always_raises_stops_every_rank(tmp_path, model_dir):
                    "--output_dir", str(tmp_path / "out")], ranks=2, timeout=300)
     # each rank exits 2; the launcher reports its failed ranks and exits 1 (as the README says)
     assert proc.returncode == 1 and "exitcode  : 2" in proc.stderr, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert proc.stderr.count("error: reward function conversational_only_reward raised on every item for 2 "
-                             "rollouts in a row (TypeError: string indices must be integers") == 1
+    assert proc.stderr.count("reward function conversational_only_reward raised on every item for 2 "
+                             "rollouts in a row (TypeError: string indices must be integers") == 1  # both raised it
+    assert re.search(r"error \(rank [01]\): reward function conversational_only_reward", proc.stderr)
     assert not (tmp_path / "out" / "summary.json").exists()

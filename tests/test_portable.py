@@ -1,10 +1,12 @@
-"""Checkpoints that outlive the launch: the portable state (``grpo_scale.portable``) and resuming on
-another number of processes or ZeRO stage.
+"""Checkpoints that outlive the launch: the portable state (``grpo_scale.portable``), resuming on another
+number of processes or ZeRO stage, and on nodes without a shared file system.
 
-The chain test resumes one run through four launches: 2 ZeRO-2 ranks (checkpoint-2), one process with
-twice the gradient accumulation (checkpoint-4), 2 ZeRO-2 ranks again (checkpoint-6), 2 ZeRO-3 ranks (to
-step 8). After each load, ``tests/portable_probe.py`` gathers the weights and AdamW's moments as they stand
-in the new launch and compares them with what the writing launch gathered before it saved. Then
+The chain test resumes one run through five launches: two nodes through multinode.yaml with one output
+folder each (checkpoint-2, then resumed by both to checkpoint-4: node 1's copy lacks the files only rank 0
+writes, so the portable state is loaded), then from node 0's folder one process with twice the gradient
+accumulation (checkpoint-6), 2 ZeRO-2 ranks (checkpoint-8), 2 ZeRO-3 ranks (to step 10). After each of
+the last three loads, ``tests/portable_probe.py`` gathers the weights and AdamW's moments as they stand in
+the new launch and compares them with what the writing launch gathered before it saved. Then
 ``python -m grpo_scale.export`` turns the checkpoints of each kind of launch into plain model folders.
 """
 from __future__ import annotations
@@ -17,7 +19,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reliability_helpers import FAST, TESTS, run, tiny_model_path  # noqa: E402
+from reliability_helpers import FAST, TESTS, run, run_nodes, tiny_model_path  # noqa: E402
 
 from grpo_scale import portable  # noqa: E402
 from grpo_scale.checkpoint import check_compatible  # noqa: E402
@@ -34,13 +36,22 @@ def args(out: Path, steps: int, per_device: int = 4, accumulation: int = 1) -> l
             "--lr_scheduler_type", "constant", "--warmup_steps", "12"]
 
 
-def test_one_run_resumed_on_one_process_two_zero2_ranks_and_zero3(tmp_path):
-    out = tmp_path / "run"
-    proc = run(args(out, 2), ranks=2)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    stages = [("one process, from 2 ZeRO-2 ranks", 1, "zero2", 4, 2, [2, 2]),
-              ("2 ZeRO-2 ranks, from one process", 2, "zero2", 6, 1, [1, 0]),
-              ("2 ZeRO-3 ranks, from 2 ZeRO-2 ranks", 2, "zero3", 8, 1, [2, 2])]
+def test_one_run_through_two_nodes_one_process_zero2_and_zero3(tmp_path):
+    own = [tmp_path / "own0", tmp_path / "own1"]  # two nodes without a shared file system
+    for steps, resume in ((2, []), (4, ["--resume_from_checkpoint", "latest"])):
+        procs = run_nodes([args(own[0], steps) + resume, args(own[1], steps) + resume])
+        text = "".join(p.stdout + p.stderr for p in procs)
+        assert all(p.returncode == 0 for p in procs), text[-5000:]
+        for folder in own:  # each node published its own complete copy, with the whole portable state
+            ckpt = folder / f"checkpoint-{steps}"
+            assert (ckpt / "trainer_state.json").is_file() and portable.has(ckpt), (steps, folder)
+        assert not (own[1] / f"checkpoint-{steps}" / "pytorch_model" / "mp_rank_00_model_states.pt").exists()
+    assert "resumed from the portable state" in text, text[-3000:]  # node 1 lacks rank 0's files
+
+    out = own[0]
+    stages = [("one process, from 2 ZeRO-2 ranks", 1, "zero2", 6, 2, [2, 2]),
+              ("2 ZeRO-2 ranks, from one process", 2, "zero2", 8, 1, [1, 0]),
+              ("2 ZeRO-3 ranks, from 2 ZeRO-2 ranks", 2, "zero3", 10, 1, [2, 2])]
     for what, ranks, launch, steps, accumulation, saved_shape in stages:
         record = tmp_path / f"step{steps}.json"
         proc = run([str(record), *args(out, steps, accumulation=accumulation), "--resume_from_checkpoint", "latest"],
@@ -55,20 +66,20 @@ def test_one_run_resumed_on_one_process_two_zero2_ranks_and_zero3(tmp_path):
         assert got["lr"] == pytest.approx(got["saved_lr"], rel=1e-12), (what, got)
         assert got["lr"] == pytest.approx(1e-3 * (steps - 1) / 13, rel=1e-12), (what, got)  # warm-up, step+1
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == 8
-    check_exports(out, tmp_path / "exported")
-    state = json.loads((out / "checkpoint-8" / "trainer_state.json").read_text())
-    assert [h["step"] for h in state["history"]] == list(range(1, 9))
+    assert summary["steps"] == 10
+    state = json.loads((out / "checkpoint-10" / "trainer_state.json").read_text())
+    assert [h["step"] for h in state["history"]] == list(range(1, 11))
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in state["history"])
+    check_exports(out, tmp_path / "exported")
 
 
 def check_exports(out: Path, to: Path) -> None:
-    """``python -m grpo_scale.export`` of the checkpoints of a ZeRO-2, a one-process and a ZeRO-3 launch:
+    """``python -m grpo_scale.export`` of the checkpoints of a 2-node, a one-process and a ZeRO-3 launch:
     plain transformers loads each, with the checkpoint's weights (the ZeRO-3 one's equal final/)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from grpo_scale import export
-    for step in (2, 4, 8):
+    for step in (4, 6, 10):
         ckpt = out / f"checkpoint-{step}"
         assert export.main([str(ckpt), str(to / str(step))]) == 0
         model = AutoModelForCausalLM.from_pretrained(to / str(step))
@@ -79,7 +90,7 @@ def check_exports(out: Path, to: Path) -> None:
             assert torch.equal(params[name].detach(), value), (step, name)
         assert AutoTokenizer.from_pretrained(to / str(step))("Solve 2+3")["input_ids"]
     final = AutoModelForCausalLM.from_pretrained(out / "final")
-    exported = AutoModelForCausalLM.from_pretrained(to / "8")
+    exported = AutoModelForCausalLM.from_pretrained(to / "10")
     for (name, a), b in zip(final.state_dict().items(), exported.state_dict().values()):
         assert torch.equal(a, b), name
 
