@@ -190,6 +190,11 @@ class _Fields:
     save_strategy: str = _f("steps", "steps | no: save a checkpoint every save_steps (no: never).")
     save_steps: int = _f(500, "Save a checkpoint every this many steps (0: none).")
     save_total_limit: Optional[int] = _f(None, "Keep only the newest this many checkpoints.")
+    save_portable: bool = _f(True, "Write portable/ in every checkpoint: the full fp32 weights and AdamW moments "
+                                   "of the trainable parameters (12 bytes each), so that it resumes on another "
+                                   "number of processes or ZeRO stage, on nodes without a shared file system, and "
+                                   "exports with python -m grpo_scale.export. false: faster, smaller saves that "
+                                   "resume only on their own shape.")
     resume_from_checkpoint: Optional[str] = _f(None, "'latest' or a checkpoint directory to continue from.")
     report_to: list = _f(["none"], "tensorboard | none (a list, as in TRL: [tensorboard]).")
     disable_tqdm: bool = _f(False, "No progress bar.")

@@ -1338,7 +1338,8 @@ class GRPOTrainer:
         kwargs = {"exclude_frozen_parameters": True} if self.cfg.use_peft and self.deepspeed else {}
         t0 = time.monotonic()
         path = ckpt.save_checkpoint(self.acc, self.cfg.output_dir, self.step, self._trainer_state(),
-                                    self.cfg.save_total_limit, extra=self._write_portable, **kwargs)
+                                    self.cfg.save_total_limit,
+                                    extra=self._write_portable if self.cfg.save_portable else None, **kwargs)
         seconds, grace = time.monotonic() - t0, self.cfg.stop_grace_seconds
         if seconds > grace and not getattr(self, "_said_slow_save", False) and self.acc.is_main_process:
             logger.warning("saving %s took %.1f s, more than stop_grace_seconds=%g: a run stopped by a signal could "
@@ -1398,20 +1399,25 @@ class GRPOTrainer:
 
     def _load_portable(self, path: Path, state: dict, missing: list[str]) -> None:
         """The portable state into this launch (any number of processes, ZeRO stage 0, 2 or 3)."""
+        from accelerate.utils import gather_object
         cfg, acc = self.cfg, self.acc
-        if not portable.has(path):
-            raise ConfigError(
-                f"cannot resume from {path}: it was written by {state.get('num_processes')} process(es) under ZeRO "
-                f"stage {state.get('zero_stage')} and has no {portable.DIR}/ state (checkpoints before 0.4), and "
-                f"this launch ({acc.num_processes} process(es), ZeRO stage {self.zero_stage}) cannot load its "
-                f"per-process files (rank {acc.process_index} lacks {', '.join(missing)}); launch it as it was "
-                "written")
         model = acc.unwrap_model(self.model)
-        wrong = portable.check_names(path, model)
-        if wrong:
-            raise ConfigError(f"cannot resume from {path}: its {portable.DIR}/ state is not this model's trainable "
-                              f"parameters ({wrong}); resume with the model and lora_* settings of the run that "
-                              "wrote it")
+        problem = None
+        if not portable.has(path):
+            problem = (f"it was written by {state.get('num_processes')} process(es) under ZeRO stage "
+                       f"{state.get('zero_stage')} and this copy has no {portable.DIR}/ state (checkpoints before "
+                       f"0.4), and this launch ({acc.num_processes} process(es), ZeRO stage {self.zero_stage}) "
+                       f"cannot load its per-process files (this rank lacks {', '.join(missing) or 'none'}); launch "
+                       "it as it was written")
+        else:
+            wrong = portable.check_names(path, model)
+            if wrong:
+                problem = (f"its {portable.DIR}/ state is not this model's trainable parameters ({wrong}); resume "
+                           "with the model and lora_* settings of the run that wrote it")
+        problems = gather_object([problem]) if acc.num_processes > 1 else [problem]  # all load, or none
+        if any(problems):
+            where = [p if acc.num_processes == 1 else f"rank {r}: {p}" for r, p in enumerate(problems) if p]
+            raise ConfigError(f"cannot resume from {path}: {'; '.join(where)}")
         meta = portable.read_meta(path)
         portable.load(path, model, self.optimizer)
         self.scheduler.load_state_dict(meta["scheduler"])

@@ -76,9 +76,10 @@ def run(args: list[str], ranks: int = 1, timeout: float = 300, script: Path = RO
                           text=True, timeout=timeout)
 
 
-def run_nodes(per_node: list[list[str]], timeout: float = 300) -> list[subprocess.CompletedProcess]:
-    """Launch train.py as node 0 and node 1 of accelerate_configs/multinode.yaml on this machine (one
-    process each, the main node at 127.0.0.1), each with its own arguments; wait for both."""
+def run_nodes(per_node: list[list[str]], timeout: float = 300,
+              script: Path = ROOT / "train.py") -> list[subprocess.CompletedProcess]:
+    """Launch ``script`` (train.py) as node 0 and node 1 of accelerate_configs/multinode.yaml on this machine
+    (one process each, the main node at 127.0.0.1), each with its own arguments; wait for both."""
     with socket.socket() as s:  # a free port for the main node
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -86,7 +87,7 @@ def run_nodes(per_node: list[list[str]], timeout: float = 300) -> list[subproces
     for rank, args in enumerate(per_node):
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(ROOT / "accelerate_configs" / "multinode.yaml"), "--machine_rank", str(rank), "--num_machines", "2", "--num_processes", "2", "--main_process_ip", "127.0.0.1",
-               "--main_process_port", str(port), str(ROOT / "train.py"), *args]
+               "--main_process_port", str(port), str(script), *args]
         procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True, start_new_session=True))
     done = []

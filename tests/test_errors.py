@@ -227,6 +227,7 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, model_dir, mo
     assert [h["skipped_steps_total"] for h in state["history"]] == [3.0, 4.0, 5.0]
 
 
+@pytest.mark.slow  # 26 s; the default suite skips non-finite steps in one process (above)
 def test_two_ranks_agree_to_skip_and_stop(tmp_path, model_dir):
     """ZeRO-2: rank 1 alone sees a NaN loss (step 2), rank 0 alone an infinite gradient (step 3); both
     ranks skip both steps. Three NaN steps in a row on rank 1 stop the run through train.py's main."""
@@ -245,6 +246,7 @@ def test_two_ranks_agree_to_skip_and_stop(tmp_path, model_dir):
     assert (tmp_path / "out" / "checkpoint-7" / "trainer_state.json").is_file()
 
 
+@pytest.mark.slow  # 23 s; tests/test_api.py stops on a reward that always raises, in one process
 def test_a_reward_that_always_raises_stops_every_rank(tmp_path, model_dir):
     """Standard (string) data and a reward written for conversational data: it raises on every item; after
     reward_fail_steps rollouts all ranks stop together (no hang), with one error naming the function and

@@ -261,6 +261,7 @@ def test_pairwise_cells(tmp_path, launch, initial_models):
     run_and_check(tmp_path, launch, [r for r in ROWS if r[0] == launch], initial_models)
 
 
+@pytest.mark.slow  # 41 s; the default suite's ZeRO-3 cells share prompts on 2 ranks
 def test_zero3_ranks_agree_whether_to_share_the_prompt(tmp_path, initial_models):
     """3 ranks, groups of 3, micro-batches of 2: rank 1's micro-batch holds two different prompts (nothing to
     share) while ranks 0 and 2 hold one prompt twice. A shared forward through the ZeRO-3 engine is two

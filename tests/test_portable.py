@@ -1,17 +1,20 @@
 """Checkpoints that outlive the launch: the portable state (``grpo_scale.portable``), resuming on another
-number of processes or ZeRO stage, and on nodes without a shared file system.
+number of processes or ZeRO stage, and nodes with or without a shared file system.
 
-The chain test resumes one run through five launches: two nodes through multinode.yaml with one output
-folder each (checkpoint-2, then resumed by both to checkpoint-4: node 1's copy lacks the files only rank 0
-writes, so the portable state is loaded), then from node 0's folder one process with twice the gradient
-accumulation (checkpoint-6), 2 ZeRO-2 ranks (checkpoint-8), 2 ZeRO-3 ranks (to step 10). After each of
-the last three loads, ``tests/portable_probe.py`` gathers the weights and AdamW's moments as they stand in
-the new launch and compares them with what the writing launch gathered before it saved. Then
-``python -m grpo_scale.export`` turns the checkpoints of each kind of launch into plain model folders.
+The chain test continues one run through five launches, two of them two "nodes" on this machine through
+multinode.yaml (one process each): two nodes with a folder each (checkpoint-2); one process with twice the
+gradient accumulation, from node 0's copy (checkpoint-4); two nodes with a folder each again, node 1 given
+a copy of that checkpoint (checkpoint-6: node 1's copy lacks the files only rank 0 writes, so the portable
+state is loaded); two nodes sharing one folder, the two copies put together (checkpoint-8, through
+Accelerate's files); 2 ZeRO-3 ranks (to step 10). After each load into another shape,
+``tests/portable_probe.py`` gathers the weights and AdamW's moments as they stand in the new launch and
+compares them with what the writing launch gathered before it saved. Then ``python -m grpo_scale.export``
+turns checkpoints of each kind of launch into plain model folders.
 """
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -36,50 +39,79 @@ def args(out: Path, steps: int, per_device: int = 4, accumulation: int = 1) -> l
             "--lr_scheduler_type", "constant", "--warmup_steps", "12"]
 
 
-def test_one_run_through_two_nodes_one_process_zero2_and_zero3(tmp_path):
-    own = [tmp_path / "own0", tmp_path / "own1"]  # two nodes without a shared file system
-    for steps, resume in ((2, []), (4, ["--resume_from_checkpoint", "latest"])):
-        procs = run_nodes([args(own[0], steps) + resume, args(own[1], steps) + resume])
-        text = "".join(p.stdout + p.stderr for p in procs)
-        assert all(p.returncode == 0 for p in procs), text[-5000:]
-        for folder in own:  # each node published its own complete copy, with the whole portable state
-            ckpt = folder / f"checkpoint-{steps}"
-            assert (ckpt / "trainer_state.json").is_file() and portable.has(ckpt), (steps, folder)
-        assert not (own[1] / f"checkpoint-{steps}" / "pytorch_model" / "mp_rank_00_model_states.pt").exists()
-    assert "resumed from the portable state" in text, text[-3000:]  # node 1 lacks rank 0's files
+def probed(record: Path, procs) -> dict:
+    """The probe's record, after checking that the launch ran to its end."""
+    procs = procs if isinstance(procs, list) else [procs]
+    text = "".join(p.stdout + p.stderr for p in procs)
+    assert all(p.returncode == 0 for p in procs), text[-5000:]
+    return json.loads(record.read_text())
 
-    out = own[0]
-    stages = [("one process, from 2 ZeRO-2 ranks", 1, "zero2", 6, 2, [2, 2]),
-              ("2 ZeRO-2 ranks, from one process", 2, "zero2", 8, 1, [1, 0]),
-              ("2 ZeRO-3 ranks, from 2 ZeRO-2 ranks", 2, "zero3", 10, 1, [2, 2])]
-    for what, ranks, launch, steps, accumulation, saved_shape in stages:
-        record = tmp_path / f"step{steps}.json"
-        proc = run([str(record), *args(out, steps, accumulation=accumulation), "--resume_from_checkpoint", "latest"],
-                   ranks=ranks, launch=launch, script=PROBE)
-        assert proc.returncode == 0, f"{what}\n{proc.stdout[-2000:]}{proc.stderr[-4000:]}"
-        got = json.loads(record.read_text())
-        assert got["saved_shape"] == saved_shape and got["num_processes"] == ranks, (what, got)
-        assert got["zero_stage"] == {1: 0}.get(ranks, 3 if launch == "zero3" else 2), (what, got)
-        assert got["step"] == steps - 2 and got["adam_step"] == got["saved_adam_step"] == steps - 2, (what, got)
-        assert got["names"] > 10 and got["diffs"].keys() == {"weights", "exp_avg", "exp_avg_sq"}, (what, got)
-        assert max(got["diffs"].values()) <= 1e-7, (what, got["diffs"])
-        assert got["lr"] == pytest.approx(got["saved_lr"], rel=1e-12), (what, got)
-        assert got["lr"] == pytest.approx(1e-3 * (steps - 1) / 13, rel=1e-12), (what, got)  # warm-up, step+1
-    summary = json.loads((out / "summary.json").read_text())
+
+def check_load(got: dict, what: str, steps: int, ranks: int, zero_stage: int, saved_shape: list) -> None:
+    """What the probe found after the load: the state the writing launch gathered, exactly."""
+    assert got["saved_shape"] == saved_shape and got["num_processes"] == ranks, (what, got)
+    assert got["zero_stage"] == zero_stage, (what, got)
+    assert got["step"] == steps - 2 and got["adam_step"] == got["saved_adam_step"] == steps - 2, (what, got)
+    assert got["names"] > 10 and got["diffs"].keys() == {"weights", "exp_avg", "exp_avg_sq"}, (what, got)
+    assert max(got["diffs"].values()) <= 1e-7, (what, got["diffs"])
+    assert got["lr"] == pytest.approx(got["saved_lr"], rel=1e-12), (what, got)
+    assert got["lr"] == pytest.approx(1e-3 * (steps - 1) / 13, rel=1e-12), (what, got)  # warm-up, step+1
+
+
+def test_one_run_through_nodes_with_own_and_shared_folders_one_process_and_zero3(tmp_path):
+    own = [tmp_path / "own0", tmp_path / "own1"]  # two nodes without a shared file system
+    probe = lambda name: [str(tmp_path / f"{name}.json")]  # noqa: E731
+    latest = ["--resume_from_checkpoint", "latest"]
+
+    # two nodes, a folder each, train and checkpoint: each node publishes its own complete copy
+    procs = run_nodes([args(own[0], 2), args(own[1], 2)])
+    assert all(p.returncode == 0 for p in procs), "".join(p.stdout + p.stderr for p in procs)[-5000:]
+    for folder in own:
+        assert (folder / "checkpoint-2" / "trainer_state.json").is_file() and portable.has(folder / "checkpoint-2")
+    assert not (own[1] / "checkpoint-2" / "pytorch_model" / "mp_rank_00_model_states.pt").exists()  # rank 0's
+
+    # one process, twice the accumulation, from node 0's copy (2 ZeRO-2 ranks -> one process)
+    got = probed(tmp_path / "one.json", run(probe("one") + args(own[0], 4, accumulation=2) + latest, script=PROBE))
+    check_load(got, "one process, from 2 ZeRO-2 ranks", 4, 1, 0, [2, 2])
+
+    # node 1 gets a copy of that checkpoint; two nodes resume from their own folders (one process -> 2
+    # ZeRO-2 ranks; node 1 lacks the files only rank 0 writes) and checkpoint again, each its own copy
+    shutil.copytree(own[0] / "checkpoint-4", own[1] / "checkpoint-4")
+    got = probed(tmp_path / "nodes.json", run_nodes([probe("nodes") + args(own[0], 6) + latest,
+                                                     probe("unused") + args(own[1], 6) + latest], script=PROBE))
+    check_load(got, "two nodes with a folder each, from one process", 6, 2, 2, [1, 0])
+    for folder in own:
+        assert (folder / "checkpoint-6" / "trainer_state.json").is_file() and portable.has(folder / "checkpoint-6")
+
+    # the two copies together are what a shared folder holds: two nodes resume from it (Accelerate's files)
+    shared = tmp_path / "shared"
+    for folder in own:
+        shutil.copytree(folder / "checkpoint-6", shared / "checkpoint-6", dirs_exist_ok=True)
+    procs = run_nodes([args(shared, 8) + latest] * 2)
+    text = "".join(p.stdout + p.stderr for p in procs)
+    assert all(p.returncode == 0 for p in procs), text[-5000:]
+    assert "resumed from" in text and "portable state" not in text, text[-3000:]
+
+    # 2 ZeRO-3 ranks from the shared folder's ZeRO-2 checkpoint
+    got = probed(tmp_path / "zero3.json", run(probe("zero3") + args(shared, 10) + latest, ranks=2, launch="zero3",
+                                               script=PROBE))
+    check_load(got, "2 ZeRO-3 ranks, from 2 ZeRO-2 ranks", 10, 2, 3, [2, 2])
+
+    summary = json.loads((shared / "summary.json").read_text())
     assert summary["steps"] == 10
-    state = json.loads((out / "checkpoint-10" / "trainer_state.json").read_text())
+    state = json.loads((shared / "checkpoint-10" / "trainer_state.json").read_text())
     assert [h["step"] for h in state["history"]] == list(range(1, 11))
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in state["history"])
-    check_exports(out, tmp_path / "exported")
+    check_exports({2: own[1], 4: own[0], 10: shared}, tmp_path / "exported")
 
 
-def check_exports(out: Path, to: Path) -> None:
-    """``python -m grpo_scale.export`` of the checkpoints of a 2-node, a one-process and a ZeRO-3 launch:
-    plain transformers loads each, with the checkpoint's weights (the ZeRO-3 one's equal final/)."""
+def check_exports(where: dict, to: Path) -> None:
+    """``python -m grpo_scale.export`` of checkpoints of a 2-node (node 1's copy), a one-process and a ZeRO-3
+    launch: plain transformers loads each, with the checkpoint's weights (the ZeRO-3 one's equal final/)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from grpo_scale import export
-    for step in (4, 6, 10):
+    for step, out in where.items():
         ckpt = out / f"checkpoint-{step}"
         assert export.main([str(ckpt), str(to / str(step))]) == 0
         model = AutoModelForCausalLM.from_pretrained(to / str(step))
@@ -89,8 +121,9 @@ def check_exports(out: Path, to: Path) -> None:
         for name, value in saved.items():
             assert torch.equal(params[name].detach(), value), (step, name)
         assert AutoTokenizer.from_pretrained(to / str(step))("Solve 2+3")["input_ids"]
-    final = AutoModelForCausalLM.from_pretrained(out / "final")
-    exported = AutoModelForCausalLM.from_pretrained(to / "10")
+    last = max(where)
+    final = AutoModelForCausalLM.from_pretrained(where[last] / "final")
+    exported = AutoModelForCausalLM.from_pretrained(to / str(last))
     for (name, a), b in zip(final.state_dict().items(), exported.state_dict().values()):
         assert torch.equal(a, b), name
 
