@@ -176,3 +176,42 @@ def test_gather_and_load_continue_adamw_exactly(tmp_path):
             assert torch.equal(a, b)
     other = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
     assert "of another shape" in portable.check_names(tmp_path, other)
+
+
+def test_a_lora_checkpoint_resumes_from_its_portable_state_and_exports_merged(tmp_path):
+    """One process, LoRA: a checkpoint whose Accelerate files are gone (as on a node without rank 0's) is
+    loaded from portable/, which holds the adapter's weights and moments and not the frozen base; the run
+    continues from step 2 to 4. The export of the checkpoint is the base with the adapter merged: the first
+    run's final/."""
+    from accelerate.state import AcceleratorState
+    from transformers import AutoModelForCausalLM
+
+    from grpo_scale import export
+    from grpo_scale.config import load_config
+    from grpo_scale.trainer import GRPOTrainer
+    out = tmp_path / "run"
+    lora = ["--use_peft", "true", "--beta", "0.04", "--eval_size", "0"]
+    first = GRPOTrainer(load_config(args(out, 2) + lora))
+    first.save(first.train())
+    ckpt = out / "checkpoint-2"
+    weights = portable.read(ckpt, "weights")
+    assert weights and all("lora_" in name for name in weights), sorted(weights)[:4]
+    (ckpt / "model.safetensors").unlink()
+    (ckpt / "optimizer.bin").unlink()
+
+    AcceleratorState._reset_state()
+    second = GRPOTrainer(load_config(args(out, 4) + lora + ["--resume_from_checkpoint", "latest"]))
+    second.setup()
+    assert second.step == 2
+    tensors, _, step = portable.gather(second.acc.unwrap_model(second.model), second.optimizer)
+    assert step == 2
+    for key, now in tensors.items():
+        then = portable.read(ckpt, key)
+        assert then.keys() == now.keys() and all(torch.equal(now[n], then[n]) for n in now), key
+    assert second.train()["steps"] == 4
+
+    assert export.main([str(ckpt), str(tmp_path / "exported")]) == 0
+    final = AutoModelForCausalLM.from_pretrained(out / "final")  # the first run's, merged at step 2
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "exported")
+    for (name, a), b in zip(final.state_dict().items(), exported.state_dict().values()):
+        assert torch.equal(a, b), name
