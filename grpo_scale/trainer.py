@@ -1341,6 +1341,8 @@ class GRPOTrainer:
                                     self.cfg.save_total_limit,
                                     extra=self._write_portable if self.cfg.save_portable else None, **kwargs)
         seconds, grace = time.monotonic() - t0, self.cfg.stop_grace_seconds
+        if self.acc.is_main_process:
+            logger.info("checkpoint %s took %.1f s to save", path.name, seconds)
         if seconds > grace and not getattr(self, "_said_slow_save", False) and self.acc.is_main_process:
             logger.warning("saving %s took %.1f s, more than stop_grace_seconds=%g: a run stopped by a signal could "
                            "be killed before its checkpoint is complete (the previous one stays valid); ask the "
