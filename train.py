@@ -33,7 +33,8 @@ def _error(message: str) -> None:
 
 def _store(timeout: float):
     """The launcher's key-value store (torchrun's rendezvous store, which every rank of a launch reaches on
-    any node before and without a process group); None for one process."""
+    any node before and without a process group); None for one process, or a launcher without that store
+    (it exists once the process group does)."""
     if int(os.environ.get("WORLD_SIZE", "1")) == 1 or "MASTER_ADDR" not in os.environ:
         return None
     from datetime import timedelta
@@ -41,6 +42,8 @@ def _store(timeout: float):
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         return dist.distributed_c10d._get_default_store()
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":  # no store to reach until the process group
+        return None
     return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
                          timeout=timedelta(seconds=timeout))
 
@@ -57,10 +60,13 @@ def _agreed(problem: str | None) -> str | None:
         return problem
     world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
     prefix = f"grpo_scale/checks/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
-    store.set(f"{prefix}{rank}", problem or "")
     keys = [f"{prefix}{r}" for r in range(world)]
-    store.wait(keys)
-    outcomes = [store.get(k).decode() for k in keys]
+    try:
+        store.set(f"{prefix}{rank}", problem or "")
+        store.wait(keys)  # a rank that died before its checks: the store's timeout, then this rank's outcome
+        outcomes = [store.get(k).decode() for k in keys]
+    except Exception:
+        return problem
     failed = [(r, e) for r, e in enumerate(outcomes) if e]
     if not failed:
         return None
