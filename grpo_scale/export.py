@@ -27,7 +27,8 @@ logger = logging.getLogger(__name__)
 
 
 def trained_model(checkpoint: Path):
-    """(the model as the run built it, with the checkpoint's trainable weights; the run's config)."""
+    """(the model as the run built it, with the checkpoint's trainable weights; the run's config; the folder
+    of its base model, which holds the tokenizer)."""
     from transformers import AutoModelForCausalLM
 
     from grpo_scale import lora
@@ -38,8 +39,8 @@ def trained_model(checkpoint: Path):
     cfg = GRPOConfig(**state["config"])
     path = cfg.resolved_model_path
     adapter_dir = path if is_adapter_dir(path) else None
-    model = AutoModelForCausalLM.from_pretrained(adapter_base(path) if adapter_dir else path, dtype=torch.float32,
-                                                 use_safetensors=True)
+    base_path = adapter_base(path) if adapter_dir else path
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32, use_safetensors=True)
     if cfg.use_peft:
         model = lora.wrap(model, cfg, adapter_dir, reference=False)
     weights = _weights(checkpoint, model)
@@ -51,7 +52,7 @@ def trained_model(checkpoint: Path):
     with torch.no_grad():
         for name, p in portable.trainable(model):
             p.copy_(weights[name].reshape(p.shape))
-    return model, cfg
+    return model, cfg, base_path
 
 
 def _weights(checkpoint: Path, model) -> dict[str, torch.Tensor]:
@@ -77,14 +78,13 @@ def export(checkpoint: Path, out: Path) -> Path:
     from transformers import AutoTokenizer
 
     from grpo_scale import lora
-    model, cfg = trained_model(checkpoint)
+    model, cfg, base_path = trained_model(checkpoint)
     out = Path(out)
     base = model.get_base_model() if cfg.use_peft else model
     state_dict = lora.merged_state_dict(model) if cfg.use_peft else None
     base.config.use_cache = True
     base.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
-    path = cfg.resolved_model_path
-    AutoTokenizer.from_pretrained(adapter_base(path) if is_adapter_dir(path) else path).save_pretrained(out)
+    AutoTokenizer.from_pretrained(base_path).save_pretrained(out)
     return out
 
 

@@ -143,16 +143,21 @@ def read(folder: Path, key: str) -> dict[str, torch.Tensor]:
     return load_file(str(f)) if f.is_file() else {}
 
 
-def check_names(folder: Path, model) -> Optional[str]:
-    """None when the portable state holds exactly the trainable parameters of ``model`` with their shapes,
-    else what differs (a changed model or LoRA settings)."""
-    saved = read_meta(folder)["shapes"]
-    want = {n: list(getattr(p, "ds_shape", p.shape)) for n, p in trainable(model)}
+def shape_differences(saved: dict, want: dict) -> Optional[str]:
+    """None when ``saved`` and ``want`` ({name: shape}) hold the same names with the same shapes, else what
+    differs: names missing from ``saved``, unexpected in it, or of another shape (three of each at most)."""
     missing, extra = sorted(want.keys() - saved.keys()), sorted(saved.keys() - want.keys())
-    reshaped = sorted(k for k in want.keys() & saved.keys() if want[k] != saved[k])
+    reshaped = sorted(k for k in want.keys() & saved.keys() if list(want[k]) != list(saved[k]))
     problems = [f"{what} {names[:3]}{'...' if len(names) > 3 else ''}" for what, names in
                 (("missing", missing), ("unexpected", extra), ("of another shape", reshaped)) if names]
     return "; ".join(problems) or None
+
+
+def check_names(folder: Path, model) -> Optional[str]:
+    """None when the portable state holds exactly the trainable parameters of ``model`` with their shapes,
+    else what differs (a changed model or LoRA settings)."""
+    want = {n: list(getattr(p, "ds_shape", p.shape)) for n, p in trainable(model)}
+    return shape_differences(read_meta(folder)["shapes"], want)
 
 
 @torch.no_grad()

@@ -1493,14 +1493,10 @@ class GRPOTrainer:
         model = self.model  # named as Accelerate names them in save_state (see _keep_trainable)
         trainable = lora.trainable_names(model)  # once: not once per parameter
         want = {n: list(p.shape) for n, p in model.named_parameters() if n in trainable}
-        missing, extra = sorted(want.keys() - saved.keys()), sorted(saved.keys() - want.keys())
-        reshaped = sorted(k for k in want.keys() & saved.keys() if want[k] != saved[k])
-        if missing or extra or reshaped:
-            problems = [f"{what} {names[:3]}{'...' if len(names) > 3 else ''}" for what, names in
-                        (("missing", missing), ("unexpected", extra), ("of another shape", reshaped)) if names]
+        wrong = portable.shape_differences(saved, want)
+        if wrong:
             raise ConfigError(f"cannot resume from {path}: its model state is not this run's LoRA adapter "
-                              f"({'; '.join(problems)}); resume with the same model and lora_* settings as the "
-                              "run that wrote it")
+                              f"({wrong}); resume with the same model and lora_* settings as the run that wrote it")
 
     def save(self, summary: dict) -> None:
         """OUTPUT_DIR/final (HF format, safetensors; with LoRA the merged model, and OUTPUT_DIR/adapter),
