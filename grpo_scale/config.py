@@ -19,11 +19,11 @@ from typing import Any, Optional
 
 import yaml
 
+from grpo_scale.kernels.losses import IMPORTANCE_SAMPLING_MODES, LOSS_REGISTRY, LOSS_TYPES, LossSpec, LossSpecError
 from grpo_scale.models import EMBEDDED_PREFIX, ModelSourceError, gguf_source, resolve_model_path
 from grpo_scale.tasks.prompts import DEFAULT_SYSTEM_PROMPT
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny-math.yaml"
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 LOSS_IMPLS = ("eager", "auto", "triton", "fused_linear")
 
 
@@ -137,15 +137,48 @@ class _Fields:
                             "batch's std) or none.")
 
     # ------------------------------------------------------------------ loss
-    loss_type: str = _f("dapo", "grpo (per-sequence mean) | bnpo (per-batch token mean) | dr_grpo (divide by "
-                        "batch * max_completion_length) | dapo (tokens of the whole generation batch).")
+    loss_type: str = _f("dapo", " | ".join(f"{t.name} ({t.summary})" for t in LOSS_REGISTRY.values()) + ".")
     importance_sampling_level: str = _f("token", "token (GRPO) or sequence (GSPO) importance ratios.")
     beta: float = _f(0.0, "KL penalty coefficient (k3 estimator). 0 loads no reference model.")
     epsilon: float = _f(0.2, "Lower clipping range: ratios below 1 - epsilon are clipped (also read as "
                         "epsilon_low).")
     epsilon_high: Optional[float] = _f(None, "Upper clipping range: ratios above 1 + epsilon_high are clipped "
                                        "(null: epsilon).")
-    delta: Optional[float] = _f(None, "Two-sided clipping: cap the unclipped ratio at delta (> 1 + epsilon_high).")
+    delta: Optional[float] = _f(None, "Two-sided clipping: cap the unclipped ratio at delta (> 1 + epsilon_high; "
+                                "the clipped loss types only).")
+    use_bias_correction_kl: bool = _f(True, "With beta > 0, multiply the KL term by the importance ratio (TRL's "
+                                      "default, DeepSeek-V3.2): the unbiased reverse-KL gradient. Changes the "
+                                      "gradient even on-policy, where the ratio is 1; false: the plain k3 term.")
+    sapo_temperature_pos: float = _f(1.0, "sapo: gate temperature for tokens with a positive advantage.")
+    sapo_temperature_neg: float = _f(1.05, "sapo: gate temperature for the others.")
+    vespo_k_pos: float = _f(2.0, "vespo: shape k of the gamma weight for non-negative advantages.")
+    vespo_lambda_pos: float = _f(3.0, "vespo: rate lambda for non-negative advantages.")
+    vespo_k_neg: float = _f(3.0, "vespo: shape k for negative advantages.")
+    vespo_lambda_neg: float = _f(2.0, "vespo: rate lambda for negative advantages.")
+    importance_sampling_correction: bool = _f(False, "Weight the loss by exp(old - sampler) log-probs, per "
+                                              "importance_sampling_mode (TRL's vllm_importance_sampling_"
+                                              "correction; the sampler is this trainer's decoding loop, whose "
+                                              "log-probs differ from the training forward's only by rounding).")
+    importance_sampling_mode: str = _f("sequence_mask", "token_truncate | token_mask | sequence_truncate | "
+                                       "sequence_mask: truncate (clip) or mask (zero) ratios outside [clip_min, "
+                                       "clip_max], per token or per sequence.")
+    importance_sampling_clip_min: Optional[float] = _f(None, "Lower bound of the correction ratio (null: none).")
+    importance_sampling_clip_max: Optional[float] = _f(3.0, "Upper bound of the correction ratio (null: none).")
+    off_policy_mask_threshold: Optional[float] = _f(None, "DeepSeek-V3.2's off-policy sequence mask: drop "
+                                                    "sequences with a negative advantage whose mean "
+                                                    "sampler-to-policy KL exceeds this (null: off).")
+    top_entropy_quantile: float = _f(1.0, "Keep in the policy term only the tokens in the top quantile of "
+                                     "entropy over the batch of all ranks (0.2 in the paper; 1: all).")
+    entropy_coef: float = _f(0.0, "Entropy bonus: subtract entropy_coef x mean entropy (of the policy term's "
+                             "tokens) from the loss, whatever the loss type. The starting value with "
+                             "use_adaptive_entropy.")
+    use_adaptive_entropy: bool = _f(False, "Skywork-OR1's control: after each optimiser step raise entropy_coef by "
+                                    "entropy_coef_delta when the step's entropy is at or below entropy_target, "
+                                    "lower it otherwise; the bonus applies only at or below the target.")
+    entropy_coef_min: float = _f(0.0, "Lower bound of the adaptive entropy_coef.")
+    entropy_coef_max: float = _f(1.0, "Upper bound of the adaptive entropy_coef.")
+    entropy_coef_delta: float = _f(0.005, "Step of the adaptive entropy_coef.")
+    entropy_target: float = _f(0.2, "Target mean entropy (nats) of the adaptive control.")
     num_iterations: int = _f(1, "Optimisation steps per rollout (mu); > 1 reuses it with old log-probs. max_steps "
                              "must be a multiple of it; logging, evaluation and checkpoints due inside a rollout "
                              "happen at its end.")
@@ -229,8 +262,6 @@ class _Fields:
         self.report_to = [r for r in self.report_to if r != "none"]
         need(0 < self.epsilon < 1, f"epsilon must be in (0, 1), got {self.epsilon}")
         need(self.epsilon_high > 0, f"epsilon_high must be > 0, got {self.epsilon_high}")
-        need(self.delta is None or self.delta > 1 + self.epsilon_high,
-             f"delta must be > 1 + epsilon_high = {1 + self.epsilon_high}, got {self.delta} (or set delta: null)")
         need(self.beta >= 0, f"beta must be >= 0, got {self.beta}")
         need(self.num_generations >= 2, f"num_generations must be >= 2 (a group needs two completions to compare), "
              f"got {self.num_generations}")
@@ -264,6 +295,17 @@ class _Fields:
         need(self.loss_type in LOSS_TYPES, f"loss_type must be one of {list(LOSS_TYPES)}, got {self.loss_type!r}")
         need(self.importance_sampling_level in ("token", "sequence"),
              f"importance_sampling_level must be 'token' or 'sequence', got {self.importance_sampling_level!r}")
+        need(self.importance_sampling_mode in IMPORTANCE_SAMPLING_MODES, f"importance_sampling_mode must be one of "
+             f"{list(IMPORTANCE_SAMPLING_MODES)}, got {self.importance_sampling_mode!r}")
+        need(self.entropy_coef_min <= self.entropy_coef_max, f"entropy_coef_min ({self.entropy_coef_min}) is above "
+             f"entropy_coef_max ({self.entropy_coef_max})")
+        need(self.entropy_coef_delta >= 0, f"entropy_coef_delta must be >= 0, got {self.entropy_coef_delta}")
+        if self.loss_type in LOSS_TYPES and self.importance_sampling_level in ("token", "sequence") \
+                and self.importance_sampling_mode in IMPORTANCE_SAMPLING_MODES:
+            try:
+                self.loss_spec()
+            except LossSpecError as e:  # the loss family's own rules (grpo_scale.kernels.losses)
+                errors.extend(e.problems)
         need(self.scale_rewards in ("group", "batch", "none"),
              f"scale_rewards must be group, batch or none, got {self.scale_rewards!r}")
         need(self.loss_impl in LOSS_IMPLS, f"loss_impl must be one of {list(LOSS_IMPLS)}, got {self.loss_impl!r}")
@@ -297,6 +339,26 @@ class _Fields:
              f"{len(self.reward_funcs)}: give one weight per function")
         if errors:
             raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
+
+    def loss_spec(self, entropy_coef: Optional[float] = None) -> LossSpec:
+        """The loss settings as the kernels take them, validated (ValueError otherwise). ``entropy_coef``:
+        the adaptive control's current value instead of the configured one."""
+        kind = LOSS_REGISTRY.get(self.loss_type)
+        params = {name: getattr(self, name) for name in (kind.params if kind else {})}
+        return LossSpec.from_kwargs(
+            loss_type=self.loss_type, beta=self.beta, epsilon_low=self.epsilon, epsilon_high=self.epsilon_high,
+            delta=self.delta, temperature=self.temperature, importance_sampling_level=self.importance_sampling_level,
+            max_completion_length=self.max_completion_length, use_bias_correction_kl=self.use_bias_correction_kl,
+            importance_sampling_mode=self.importance_sampling_mode if self.importance_sampling_correction else None,
+            importance_sampling_clip_min=self.importance_sampling_clip_min,
+            importance_sampling_clip_max=self.importance_sampling_clip_max,
+            off_policy_mask_threshold=self.off_policy_mask_threshold, top_entropy_quantile=self.top_entropy_quantile,
+            entropy_coef=self.entropy_coef if entropy_coef is None else entropy_coef, **params)
+
+    @property
+    def needs_sampler_logps(self) -> bool:
+        """Whether the loss reads the sampler's log-probs (importance sampling, the off-policy mask)."""
+        return self.importance_sampling_correction or self.off_policy_mask_threshold is not None
 
     def check_world(self, num_processes: int) -> None:
         """Rules that need the number of processes (checked once the launcher has set it)."""

@@ -26,42 +26,51 @@ class Rollout:
     is_truncated: torch.Tensor      # [N] bool: no EOS within max_completion_length
     prompts: list[str]
     completions: list[str]          # decoded without special tokens
+    # [N, T] fp32: the sampler's log-prob of each sampled token, under the distribution it drew from
+    # (temperature, top-k, top-p applied); 0 after the first EOS. None when not recorded.
+    sampling_logps: Optional[torch.Tensor] = None
 
     def __len__(self) -> int:
         return self.completion_ids.shape[0]
 
     def select(self, idx: slice) -> "Rollout":
+        lp = self.sampling_logps
         return Rollout(self.prompt_ids[idx], self.prompt_mask[idx], self.completion_ids[idx],
                        self.completion_mask[idx], self.attention_mask[idx], self.is_truncated[idx],
-                       self.prompts[idx], self.completions[idx])
+                       self.prompts[idx], self.completions[idx], None if lp is None else lp[idx])
 
     def rows(self, index: list[int]) -> "Rollout":
         """The rows at ``index``, in that order."""
         at = torch.tensor(index, dtype=torch.long, device=self.completion_ids.device)
+        lp = self.sampling_logps
         return Rollout(self.prompt_ids[at], self.prompt_mask[at], self.completion_ids[at], self.completion_mask[at],
                        self.attention_mask[at], self.is_truncated[at], [self.prompts[i] for i in index],
-                       [self.completions[i] for i in index])
+                       [self.completions[i] for i in index], None if lp is None else lp[at])
 
     def trimmed(self) -> "Rollout":
         """The same rows without the columns that are padding in every row (prompts are left-padded,
         completions right-padded); at least one column of each."""
         p = max(1, int(self.prompt_mask.sum(1).max())) if len(self) else 1
         t = max(1, int(self.attention_mask.sum(1).max())) if len(self) else 1
+        lp = self.sampling_logps
         return Rollout(self.prompt_ids[:, -p:], self.prompt_mask[:, -p:], self.completion_ids[:, :t],
                        self.completion_mask[:, :t], self.attention_mask[:, :t], self.is_truncated, self.prompts,
-                       self.completions)
+                       self.completions, None if lp is None else lp[:, :t])
 
     @staticmethod
     def cat(parts: list["Rollout"], pad_token_id: int) -> "Rollout":
         """Rollouts stacked row-wise: prompts left-padded and completions right-padded to the widest, with
-        the pad token and masks of 0, as one generate call pads them."""
+        the pad token and masks of 0, as one generate call pads them. Sampler log-probs are kept only when
+        every part has them."""
+        lps = [p.sampling_logps for p in parts]
         return Rollout(pad_cat([p.prompt_ids for p in parts], pad_token_id, left=True),
                        pad_cat([p.prompt_mask for p in parts], 0, left=True),
                        pad_cat([p.completion_ids for p in parts], pad_token_id, left=False),
                        pad_cat([p.completion_mask for p in parts], 0, left=False),
                        pad_cat([p.attention_mask for p in parts], 0, left=False),
                        torch.cat([p.is_truncated for p in parts]),
-                       [x for p in parts for x in p.prompts], [x for p in parts for x in p.completions])
+                       [x for p in parts for x in p.prompts], [x for p in parts for x in p.completions],
+                       None if any(lp is None for lp in lps) else pad_cat(lps, 0.0, left=False))
 
     def prompt_runs(self) -> torch.Tensor:
         """Lengths [R] of the runs of consecutive rows with the same prompt (ids and mask); sum N."""
@@ -239,7 +248,7 @@ def warp_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, 
 @torch.no_grad()
 def sample(model, ids: torch.Tensor, mask: torch.Tensor, *, cache, cache_kw: str, max_new_tokens: int,
            eos: list[int], pad: int, do_sample: bool, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-           drop_finished: bool = True, stop=None) -> torch.Tensor:
+           drop_finished: bool = True, stop=None, with_logps: bool = False):
     """Completion ids [N, T <= max_new_tokens] for the left-padded prompts ``ids``/``mask`` [N, P], padded
     with ``pad`` after each row's first EOS: the decoding loop over the model's KV cache.
 
@@ -252,9 +261,14 @@ def sample(model, ids: torch.Tensor, mask: torch.Tensor, *, cache, cache_kw: str
 
     ``stop``: a callable asked before each token; when it returns True decoding ends there (the trainer's
     pre-emption flag: the cut completions are then thrown away).
+
+    ``with_logps``: also return the log-prob [N, T] fp32 of each chosen token under the distribution it
+    was drawn from (``warp_logits``: temperature, top-k, top-p), from the logits the loop has anyway; 0
+    after a row's EOS. The trainer compares them with its own (importance sampling, off-policy mask).
     """
     N = ids.shape[0]
     out = ids.new_full((N, max_new_tokens), pad)
+    out_lp = torch.zeros(N, max_new_tokens, dtype=torch.float32, device=ids.device) if with_logps else None
     rows = torch.arange(N, device=ids.device)          # the batch row -> its row in ``out``
     done = torch.zeros(N, dtype=torch.bool, device=ids.device)
     eos_t = torch.tensor(eos, device=ids.device)
@@ -270,10 +284,14 @@ def sample(model, ids: torch.Tensor, mask: torch.Tensor, *, cache, cache_kw: str
         if droppable is None:
             droppable = drop_finished and (cache is None or repeatable_cache(cache))
         scores = o.logits[:, -1]
+        warped = warp_logits(scores, temperature, top_k, top_p) if do_sample or with_logps else None
         if do_sample:
-            nxt = torch.multinomial(warp_logits(scores, temperature, top_k, top_p).softmax(-1), 1).squeeze(1)
+            nxt = torch.multinomial(warped.softmax(-1), 1).squeeze(1)
         else:
             nxt = scores.argmax(-1)
+        if with_logps:
+            lp = warped.gather(1, nxt.unsqueeze(1)).squeeze(1) - warped.logsumexp(-1)
+            out_lp[rows, steps - 1] = lp.masked_fill(done, 0.0)
         nxt = nxt.masked_fill(done, pad)
         out[rows, steps - 1] = nxt
         done = done | torch.isin(nxt, eos_t)
@@ -293,6 +311,8 @@ def sample(model, ids: torch.Tensor, mask: torch.Tensor, *, cache, cache_kw: str
             inp, pos = seq, position_ids(attn)
         else:
             inp = nxt.unsqueeze(1)
+    if with_logps:
+        return out[:, :steps], out_lp[:, :steps]
     return out[:, :steps]
 
 
@@ -300,7 +320,7 @@ def sample(model, ids: torch.Tensor, mask: torch.Tensor, *, cache, cache_kw: str
 def generate(model, tokenizer, prompts: list[str], *, max_prompt_length: Optional[int], max_new_tokens: int,
              do_sample: bool, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
              mask_truncated: bool = False, batch_size: Optional[int] = None, share_prompt: bool = True,
-             stop=None) -> Rollout:
+             stop=None, with_logps: bool = False) -> Rollout:
     """Sample (or greedily decode) one completion per prompt string.
 
     With ``share_prompt``, consecutive copies of the same prompt (a GRPO group) are prefilled once and
@@ -308,7 +328,8 @@ def generate(model, tokenizer, prompts: list[str], *, max_prompt_length: Optiona
     Decoding is ``sample``: top-k 0 and top-p 1 are off.
 
     Completions stop at the first EOS; tokens after it are padding and masked out. With
-    ``mask_truncated`` the whole mask of a completion that never produced EOS is zeroed.
+    ``mask_truncated`` the whole mask of a completion that never produced EOS is zeroed. ``with_logps``:
+    the rollout carries the sampler's log-probs (see ``sample``).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -332,8 +353,9 @@ def generate(model, tokenizer, prompts: list[str], *, max_prompt_length: Optiona
         ids, mask = ids.repeat_interleave(counts, dim=0), mask.repeat_interleave(counts, dim=0)
         completion = sample(model, ids, mask, cache=cache, cache_kw=cache_kw, max_new_tokens=max_new_tokens,
                             eos=eos, pad=pad, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-                            stop=stop)
-        parts.append((ids, mask, completion))
+                            stop=stop, with_logps=with_logps)
+        completion, logps = completion if with_logps else (completion, None)
+        parts.append((ids, mask, completion, logps))
     model.train(was_training)
     prompt_ids = pad_cat([p[0] for p in parts], pad, left=True)
     prompt_mask = pad_cat([p[1] for p in parts], 0, left=True)
@@ -345,8 +367,9 @@ def generate(model, tokenizer, prompts: list[str], *, max_prompt_length: Optiona
         completion_mask = completion_mask * (~is_truncated).unsqueeze(1).long()
     texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=False)
     completions = [_strip_special(t, tokenizer) for t in texts]
+    logps = pad_cat([p[3] for p in parts], 0.0, left=False) if with_logps else None
     return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, attention_mask, is_truncated,
-                   list(prompts), completions)
+                   list(prompts), completions, logps)
 
 
 def _strip_special(text: str, tokenizer) -> str:

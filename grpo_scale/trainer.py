@@ -111,8 +111,24 @@ class TrainingStopped(TrainingAborted):
     (``grpo_scale.preemption``); OUTPUT_DIR/preempted says which."""
 
 
-def pick_loss_fn(loss_impl: str, device: torch.device):
-    """(loss function, log-prob function, resolved name) for ``loss_impl``, chosen once.
+class LossBackend:
+    """``loss_impl`` resolved once: ``loss(logits_or_model_output, ...)`` and ``logps(logits, ids, T)``.
+
+    eager: the PyTorch reference; triton: the fused kernel on the logits (consumed in place); fused_linear:
+    the kernel fused with the lm_head (the trainer passes hidden states through the patched lm_head).
+    """
+
+    def __init__(self, name: str, loss, logps):
+        self.name, self._loss, self.logps = name, loss, logps
+
+    def loss(self, logits, args: tuple, **kwargs):
+        if self.name == "triton":
+            kwargs["inplace"] = True
+        return self._loss(logits, *args, **kwargs)
+
+
+def pick_backend(loss_impl: str, device: torch.device) -> LossBackend:
+    """The loss backend for ``loss_impl``, chosen once.
 
     auto: the fused Triton kernel on CUDA, the eager reference elsewhere. Triton on CPU runs only under
     TRITON_INTERPRET=1 (tests); it never silently falls back.
@@ -121,15 +137,15 @@ def pick_loss_fn(loss_impl: str, device: torch.device):
     if loss_impl == "auto":
         loss_impl = "triton" if device.type == "cuda" else "eager"
     if loss_impl == "eager":
-        return grpo_loss_reference, selective_logps_reference, "eager"
+        return LossBackend("eager", grpo_loss_reference, selective_logps_reference)
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ConfigError(f"loss_impl: {loss_impl} needs a CUDA device (or TRITON_INTERPRET=1 for tests); "
                           "use loss_impl: auto or eager on CPU")
     from grpo_scale.kernels.grpo_loss import grpo_loss, selective_logps
     if loss_impl == "triton":
-        return grpo_loss, selective_logps, "triton"
+        return LossBackend("triton", grpo_loss, selective_logps)
     from grpo_scale.kernels.fused_linear import fused_linear_grpo_loss
-    return fused_linear_grpo_loss, selective_logps, "fused_linear"
+    return LossBackend("fused_linear", fused_linear_grpo_loss, selective_logps)
 
 
 def _fused_lm_head_forward(self, hidden, **loss_kwargs):
@@ -290,7 +306,11 @@ class GRPOTrainer:
         self._setup_model()
         self._setup_optimizer()
         self._setup_reference()
-        self.loss_fn, self.logps_fn, self.loss_impl = pick_loss_fn(self.cfg.loss_impl, self.acc.device)
+        self.backend = pick_backend(self.cfg.loss_impl, self.acc.device)
+        self.loss_impl = self.backend.name
+        self.loss_spec = self.cfg.loss_spec()  # validated once; the adaptive entropy bonus replaces its coef
+        self.entropy_control = {"coef": self.cfg.entropy_coef, "last_entropy": None}  # None: not measured yet
+        self.step_spec = self.loss_spec
         if self.loss_impl == "fused_linear":
             import types
             head = self.acc.unwrap_model(self.model).get_output_embeddings()
@@ -786,7 +806,7 @@ class GRPOTrainer:
         parts = []
         for s in range(0, len(rollout), mb):
             rb = rollout.select(slice(s, s + mb))
-            parts.append(self.logps_fn(self._logits(model, rb), rb.completion_ids, self.cfg.temperature))
+            parts.append(self.backend.logps(self._logits(model, rb), rb.completion_ids, self.cfg.temperature))
         return torch.cat(parts)
 
     # ================================================================== one step
@@ -854,7 +874,7 @@ class GRPOTrainer:
         t0 = time.perf_counter()
         kwargs = dict(max_prompt_length=cfg.max_prompt_length, max_new_tokens=cfg.max_completion_length,
                       do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                      mask_truncated=cfg.mask_truncated_completions)
+                      mask_truncated=cfg.mask_truncated_completions, with_logps=True)
         with self.unwrapped_for_generation() as model:
             try:
                 rollout = generate(model, self.tokenizer, self._render(mine), share_prompt=self.share_prompt,
@@ -950,19 +970,23 @@ class GRPOTrainer:
             t = pad_cat([t], value, left, width)
             return torch.cat([t, t.new_full((R - t.shape[0], width), value)])
 
+        has_lp = out.sampling_logps is not None  # the sampler's fp32 log-probs travel bit-cast to integers
         packed = torch.cat([padded(out.prompt_ids, P, pad, True), padded(out.prompt_mask, P, 0, True),
                             padded(out.completion_ids, T, pad, False), padded(out.completion_mask, T, 0, False),
                             padded(out.attention_mask, T, 0, False),
-                            padded(out.is_truncated.long().unsqueeze(1), 1, 0, False)], dim=1)
-        every = acc.gather(packed.to(acc.device))  # [W * R, 2P + 3T + 1]
+                            padded(out.is_truncated.long().unsqueeze(1), 1, 0, False)]
+                           + ([padded(out.sampling_logps.view(torch.int32).long(), T, 0, False)] if has_lp else []),
+                           dim=1)
+        every = acc.gather(packed.to(acc.device))  # [W * R, 2P + 3T + 1 (+ T)]
         from accelerate.utils import gather_object
         texts = gather_object([list(zip(out.prompts, out.completions))])  # one list per rank
         at = {k: (w, i) for w in range(W) for i, k in enumerate(sent[w])}
         rows = [at[k] for k in range(rank * n, (rank + 1) * n)]
         got = every[torch.tensor([w * R + i for w, i in rows], device=every.device)].to(out.completion_ids.device)
-        cols = torch.split(got, [P, P, T, T, T, 1], dim=1)
+        cols = torch.split(got, [P, P, T, T, T, 1] + ([T] if has_lp else []), dim=1)
         return Rollout(*cols[:5], cols[5].squeeze(1).bool(), [texts[w][i][0] for w, i in rows],
-                       [texts[w][i][1] for w, i in rows]).trimmed()
+                       [texts[w][i][1] for w, i in rows],
+                       cols[6].to(torch.int32).view(torch.float32) if has_lp else None).trimmed()
 
     # ------------------------------------------------------------------ reward contract helpers
     def _reward_state(self):
@@ -1022,9 +1046,12 @@ class GRPOTrainer:
         mb = len(rollout) // cfg.gradient_accumulation_steps
         sums: dict[str, float] = defaultdict(float)
         n = skipped = 0
+        gaps = []
         t0 = time.perf_counter()
         for it in range(cfg.num_iterations):
             bad = False
+            self.step_spec = self._step_spec()  # what _micro_loss computes during this optimiser step
+            window = torch.zeros(2, dtype=torch.float64)  # the bonus tokens' entropy sum and count
             for s in range(0, len(rollout), mb):
                 if it == 0 and s:  # before the optimiser update, a stop abandons the step
                     self._stop_point("backward")
@@ -1050,7 +1077,17 @@ class GRPOTrainer:
                 for key in ("loss", "kl_mean", "clip_ratio_low", "clip_ratio_high", "clip_ratio_region",
                             "entropy_mean"):
                     sums[key] += float(getattr(out, key).detach())
+                if cfg.importance_sampling_correction:
+                    sums["importance_sampling_ratio_mean"] += float(out.importance_sampling_ratio_mean)
+                if cfg.off_policy_mask_threshold is not None:
+                    sums["off_policy_masked"] += float(out.off_policy_masked)
+                window += torch.tensor([float(out.bonus_entropy_mean) * float(out.bonus_tokens), float(out.bonus_tokens)],
+                                       dtype=torch.float64)
+                if it == 0 and rb.sampling_logps is not None:
+                    gaps.append(self._sampler_gap(out, rb))
                 n += 1
+            if cfg.use_adaptive_entropy:
+                self._update_entropy_control(window)
             skipped += bad
             self._count_bad_step(bad)
             self.scheduler.step()
@@ -1058,6 +1095,11 @@ class GRPOTrainer:
         m = {k: v / (n if k != "grad_norm" else cfg.num_iterations) for k, v in sums.items()}
         m = {k: float(acc.reduce(torch.tensor(v, device=acc.device), "mean")) for k, v in m.items()}
         m["skipped_step"] = skipped / cfg.num_iterations
+        if gaps:  # how far the sampler's log-probs are from the training forward's (rounding, top-k / top-p)
+            g = acc.gather(torch.tensor(gaps, device=acc.device))
+            m["sampling/logp_gap_mean"], m["sampling/logp_gap_max"] = float(g[:, 0].mean()), float(g[:, 1].max())
+        if cfg.entropy_coef or cfg.use_adaptive_entropy:
+            m["entropy_coef"] = self.entropy_control["coef"] if cfg.use_adaptive_entropy else cfg.entropy_coef
         m["time/train_s"] = time.perf_counter() - t0
         m["lr"] = self.scheduler.get_last_lr()[0]
         return m
@@ -1120,22 +1162,55 @@ class GRPOTrainer:
                            "run stops after max_bad_steps=%d in a row)", self.step + 1, self.bad_in_a_row,
                            self.skipped_steps, self.cfg.max_bad_steps)
 
-    def _micro_loss(self, rb: Rollout, batch: dict, idx: slice):
+    def _step_spec(self):
+        """The loss spec of this optimiser step: with use_adaptive_entropy, TRL's rule applies the current
+        coefficient only while the last step's entropy was at or below entropy_target."""
         cfg = self.cfg
+        if not cfg.use_adaptive_entropy:
+            return self.loss_spec
+        c = self.entropy_control
+        coef = c["coef"] if c["last_entropy"] is not None and c["last_entropy"] <= cfg.entropy_target else 0.0
+        return self.loss_spec if coef == self.loss_spec.entropy_coef else self.loss_spec.replace(entropy_coef=coef)
+
+    def _update_entropy_control(self, window: torch.Tensor) -> None:
+        """After an optimiser step: the mean entropy of the step's bonus tokens on all ranks ([sum, count]
+        of its micro-batches) moves the adaptive coefficient by entropy_coef_delta, within its bounds."""
+        cfg, c = self.cfg, self.entropy_control
+        total = self.acc.reduce(window.to(self.acc.device), "sum")
+        entropy = float(total[0] / total[1].clamp(min=1.0))
+        step = cfg.entropy_coef_delta if entropy <= cfg.entropy_target else -cfg.entropy_coef_delta
+        c["coef"] = min(max(c["coef"] + step, cfg.entropy_coef_min), cfg.entropy_coef_max)
+        c["last_entropy"] = entropy
+
+    def _gather_entropies(self, local: torch.Tensor) -> torch.Tensor:
+        """Every rank's active entropies, for top_entropy_quantile (padded with a negative sentinel)."""
+        acc = self.acc
+        if acc.num_processes == 1:
+            return local
+        padded = acc.pad_across_processes(local.to(acc.device), dim=0, pad_index=-1e9)
+        every = acc.gather(padded)
+        return every[every != -1e9].to(local.device)
+
+    def _micro_loss(self, rb: Rollout, batch: dict, idx: slice):
+        cfg, spec = self.cfg, self.step_spec
         args = (rb.completion_ids, batch["advantages"][idx], rb.completion_mask,
                 None if batch["old_logps"] is None else batch["old_logps"][idx],
                 None if batch["ref_logps"] is None else batch["ref_logps"][idx])
-        kwargs = dict(beta=cfg.beta, epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon_high, delta=cfg.delta,
-                      temperature=cfg.temperature, loss_type=cfg.loss_type,
-                      importance_sampling_level=cfg.importance_sampling_level,
-                      max_completion_length=cfg.max_completion_length,
+        kwargs = dict(spec=spec, sampling_logps=rb.sampling_logps if cfg.needs_sampler_logps else None,
                       num_items_in_batch=batch["num_items_in_batch"],
+                      gather=self._gather_entropies if spec.top_entropy_quantile < 1 else None,
                       grad_scale=1.0 / cfg.gradient_accumulation_steps)
         if self.loss_impl == "fused_linear":
             hidden, head = self._hidden(self.model, rb)
             return head(hidden, args=args, **kwargs)  # inside lm_head: ZeRO-3 gathers its weight
-        logits = self._logits(self.model, rb)
-        return self.loss_fn(logits, *args, inplace=self.loss_impl == "triton", **kwargs)
+        return self.backend.loss(self._logits(self.model, rb), args, **kwargs)
+
+    @staticmethod
+    def _sampler_gap(out, rb: Rollout) -> tuple[float, float]:
+        """Mean and max |trainer - sampler| log-prob over the active tokens (before any update)."""
+        active = rb.completion_mask.bool()
+        gap = (out.per_token_logps.float() - rb.sampling_logps.to(out.per_token_logps.device))[active].abs()
+        return (float(gap.mean()), float(gap.max())) if gap.numel() else (0.0, 0.0)
 
     # ================================================================== evaluation
     SAMPLES_SHOWN = 6  # held-out prompts shown before and after training in samples.md
@@ -1330,7 +1405,8 @@ class GRPOTrainer:
                 "window": self.window, "eval_before": self.eval_before,
                 "eval_history": self.eval_history, "eval_samples": self.eval_samples, "skipped_steps": self.skipped_steps,
                 "bad_in_a_row": self.bad_in_a_row, "sampling": self.sampling, "num_processes": self.acc.num_processes,
-                "zero_stage": self.zero_stage, "seed": self.cfg.seed, "config": self.cfg.to_dict()}
+                "zero_stage": self.zero_stage, "seed": self.cfg.seed, "entropy_control": self.entropy_control,
+                "config": self.cfg.to_dict()}
 
     def save_checkpoint(self) -> Path:
         """OUTPUT_DIR/checkpoint-STEP, written atomically (see grpo_scale.checkpoint). Collective."""
@@ -1466,6 +1542,7 @@ class GRPOTrainer:
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.bad_in_a_row = int(state.get("bad_in_a_row", 0))
         self.sampling.update(state.get("sampling", {}))
+        self.entropy_control.update(state.get("entropy_control", {}))
         saved_cfg, now = state.get("config", {}), self.cfg.to_dict()
         changed = sorted(k for k in now if k in saved_cfg and saved_cfg[k] != now[k]
                          and k not in ("output_dir", "resume_from_checkpoint"))

@@ -21,15 +21,9 @@ TRL_ONLY = {
     "vllm_structured_outputs_regex": None, "vllm_server_base_url": None, "vllm_server_host": "0.0.0.0",
     "vllm_server_port": 8000, "vllm_server_timeout": 240.0, "vllm_group_port": 51216,
     "vllm_gpu_memory_utilization": 0.3, "vllm_max_model_length": None, "vllm_tensor_parallel_size": 1,
-    "sapo_temperature_neg": 1.05, "sapo_temperature_pos": 1.0, "vespo_k_pos": 2.0, "vespo_lambda_pos": 3.0,
-    "vespo_k_neg": 3.0, "vespo_lambda_neg": 2.0, "multi_objective_aggregation": "sum_then_normalize",
+    "multi_objective_aggregation": "sum_then_normalize",
     "sync_ref_model": False, "ref_model_mixup_alpha": 0.6, "ref_model_sync_steps": 512,
-    "top_entropy_quantile": 1.0, "entropy_coef": 0.0, "use_adaptive_entropy": False, "entropy_coef_min": 0.0,
-    "entropy_coef_max": 1.0, "entropy_coef_delta": 0.005, "entropy_target": 0.2,
-    "max_tool_calling_iterations": None, "vllm_importance_sampling_correction": True,
-    "vllm_importance_sampling_mode": "sequence_mask", "vllm_importance_sampling_clip_max": 3.0,
-    "vllm_importance_sampling_clip_min": None, "off_policy_mask_threshold": None, "use_bias_correction_kl": True,
-    "log_multimodal": True, "log_unique_prompts": False, "log_completions_hub_repo": None,
+    "max_tool_calling_iterations": None, "log_multimodal": True, "log_unique_prompts": False, "log_completions_hub_repo": None,
     "use_transformers_continuous_batching": False, "transformers_continuous_batching_config": None,
     "use_transformers_paged": False, "vllm_importance_sampling_cap": None,
 }
@@ -38,11 +32,16 @@ HARMLESS = {"run_name", "logging_dir", "logging_strategy", "logging_first_step",
             "log_on_each_node", "dataloader_num_workers", "dataloader_pin_memory", "dataloader_persistent_workers",
             "dataloader_prefetch_factor", "do_train", "do_eval", "do_predict", "project", "local_rank",
             "skip_memory_metrics", "save_only_model", "include_num_input_tokens_seen", "logging_nan_inf_filter",
-            "hub_token", "hub_private_repo", "hub_model_id", "hub_strategy", "hub_revision"}
+            "hub_token", "hub_private_repo", "hub_model_id", "hub_strategy", "hub_revision",
+            # TRL applies it to vLLM rollouts only (use_vllm, refused here); here: importance_sampling_correction
+            "vllm_importance_sampling_correction"}
 # values of fields grpo-scale lacks that describe what it does anyway (torch's AdamW, its epsilon)
 SAME_AS_OURS = {"optim": {"adamw_torch", "adamw_torch_fused"}, "adam_epsilon": {1e-8}}
 # TRL's (or transformers') name -> grpo-scale's, for the same thing
-ALIASES = {"per_device_eval_batch_size": "eval_batch_size", "warmup_ratio": "warmup_steps", "epsilon_low": "epsilon"}
+ALIASES = {"per_device_eval_batch_size": "eval_batch_size", "warmup_ratio": "warmup_steps", "epsilon_low": "epsilon",
+           "vllm_importance_sampling_mode": "importance_sampling_mode",
+           "vllm_importance_sampling_clip_min": "importance_sampling_clip_min",
+           "vllm_importance_sampling_clip_max": "importance_sampling_clip_max"}
 
 
 @functools.lru_cache(maxsize=1)

@@ -6,7 +6,8 @@ matmuls fold it into grad_hidden_c = dL_c @ W and grad_W += dL_c^T @ hidden_c. A
 forward (the per-token loss weights are known then); the backward only applies the upstream gradient on
 the device (no work when it is exactly 1). Peak extra memory: one chunk of logits, plus the gradients of
 hidden, W and bias. The sequence level (GSPO) needs every token's log-prob before any gradient, so it
-computes each chunk's logits twice (a log-prob pass, then a gradient pass).
+computes each chunk's logits twice (a log-prob pass, then a gradient pass); so does every case that takes
+the Triton kernels' two-pass path (`LossSpec.one_pass`).
 """
 from __future__ import annotations
 
@@ -18,18 +19,18 @@ import triton
 
 from ._launch import check_device
 from .grpo_loss import (
-    _SEQ_LSE2,
     _Inputs,
     _grpo_token_kernel,
     _scale_grad_,
     build_inputs,
-    launch_sequence_grad_kernel,
-    launch_sequence_logp_kernel,
+    launch_grad_kernel,
+    launch_stats_kernel,
     launch_token_kernel,
-    sequence_outputs,
     token_outputs,
+    two_pass_outputs,
 )
-from .reference import GRPOLossOutput, check_grpo_loss_args
+from .losses import LossSpec
+from .reference import GRPOLossOutput, check_grpo_loss_args, resolve_spec
 
 
 def _chunk_inputs(inp: _Inputs, per_token: dict, rows: slice) -> _Inputs:
@@ -40,6 +41,7 @@ def _chunk_inputs(inp: _Inputs, per_token: dict, rows: slice) -> _Inputs:
         ids=inp.ids[rows], mask=None, mask_f=inp.mask_f[rows],
         advantages=per_token["advantages"][rows], weights=per_token["weights"][rows],
         old=None if inp.old is None else inp.old[rows], ref=None if inp.ref is None else inp.ref[rows],
+        sampling=None if inp.sampling is None else inp.sampling[rows],
     )
 
 
@@ -72,7 +74,7 @@ def _fused_forward(hidden, weight, bias, inp: _Inputs, B: int, T: int, chunk: in
     write_grad = any(g is not None for g in grads)
     chunks = [slice(start, min(start + chunk, N)) for start in range(0, N, chunk)]
     per_token = {"advantages": inp.advantages.repeat_interleave(T), "weights": inp.weights.repeat_interleave(T)}
-    if inp.level == "token":
+    if inp.one_pass:
         stats = []
         for rows in chunks:
             logits = _chunk_logits(hidden, weight, bias, rows)
@@ -84,16 +86,16 @@ def _fused_forward(hidden, weight, bias, inp: _Inputs, B: int, T: int, chunk: in
         return loss, outputs, grads
 
     rows_out = torch.cat([
-        launch_sequence_logp_kernel(_chunk_logits(hidden, weight, bias, rows), _chunk_inputs(inp, per_token, rows))
+        launch_stats_kernel(_chunk_logits(hidden, weight, bias, rows), _chunk_inputs(inp, per_token, rows))
         for rows in chunks
     ], dim=1)
-    loss, outputs, coef = sequence_outputs(rows_out, inp, B, T)
+    loss, outputs, coefs = two_pass_outputs(rows_out, inp, B, T, write_grad)
     if write_grad:
-        coef = coef.reshape(N)
-        lse2 = rows_out[_SEQ_LSE2]
+        coef, ecoef = (None if c is None else c.reshape(N) for c in coefs)
         for rows in chunks:
             logits = _chunk_logits(hidden, weight, bias, rows)  # recomputed: see the module docstring
-            launch_sequence_grad_kernel(logits, logits, inp.ids[rows], coef[rows], lse2[rows], inp.temperature)
+            launch_grad_kernel(logits, logits, inp.ids[rows], coef[rows], None if ecoef is None else ecoef[rows],
+                               rows_out[:, rows], inp.spec.temperature)
             _backprop_chunk(logits.squeeze(1), hidden, weight, rows, grads)
     return loss, outputs, grads
 
@@ -156,16 +158,12 @@ def fused_linear_grpo_loss(
     *,
     bias: torch.Tensor | None = None,
     chunk_size: int | None = None,
-    beta: float = 0.0,
-    epsilon_low: float = 0.2,
-    epsilon_high: float = 0.2,
-    delta: float | None = None,
-    temperature: float = 1.0,
-    loss_type: str = "grpo",
-    importance_sampling_level: str = "token",
-    max_completion_length: int | None = None,
+    sampling_logps: torch.Tensor | None = None,
+    spec: LossSpec | None = None,
     num_items_in_batch=None,
     grad_scale: float = 1.0,
+    gather=None,
+    **settings,
 ) -> GRPOLossOutput:
     """`grpo_loss(hidden @ lm_head_weight.T + bias, ...)` without materialising the [B, T, V] logits.
 
@@ -175,7 +173,7 @@ def fused_linear_grpo_loss(
         lm_head_weight: [V, H], same dtype and device. bias: [V] or None.
         chunk_size: token rows per chunk (default: `default_chunk_size`, a chunk of logits about the
             size of `hidden`).
-        completion_ids ... grad_scale: as in `grpo_loss` (there is no `inplace`: chunk logits are
+        completion_ids ... gather, **settings: as in `grpo_loss` (there is no `inplace`: chunk logits are
             always turned into their gradient in place).
 
     Returns:
@@ -186,21 +184,12 @@ def fused_linear_grpo_loss(
     B, T, H = hidden.shape
     V = lm_head_weight.shape[0]
     stand_in = hidden.new_empty(()).expand(B, T, V)  # shape, dtype and device of the logits, no memory
-    check_grpo_loss_args(
-        stand_in, completion_ids, advantages, completion_mask, old_logps, ref_logps,
-        beta=beta, epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta,
-        temperature=temperature, loss_type=loss_type, importance_sampling_level=importance_sampling_level,
-        max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
-        grad_scale=grad_scale,
-    )
+    spec = resolve_spec(spec, settings)
+    check_grpo_loss_args(stand_in, completion_ids, advantages, completion_mask, old_logps, ref_logps, sampling_logps,
+                         spec=spec, num_items_in_batch=num_items_in_batch, grad_scale=grad_scale)
     check_device("fused_linear_grpo_loss", hidden, _grpo_token_kernel)
-    inp = build_inputs(
-        completion_ids, advantages, completion_mask, old_logps, ref_logps, beta=beta,
-        epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta, temperature=temperature,
-        loss_type=loss_type, importance_sampling_level=importance_sampling_level,
-        max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
-        inplace=True, grad_scale=grad_scale,
-    )
+    inp = build_inputs(completion_ids, advantages, completion_mask, old_logps, ref_logps, sampling_logps, spec=spec,
+                       num_items_in_batch=num_items_in_batch, inplace=True, grad_scale=grad_scale, gather=gather)
     chunk = chunk_size or default_chunk_size(B * T, V, H)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, lm_head_weight, bias)):
         return GRPOLossOutput(*_FusedLinearGRPOLossFunction.apply(hidden, lm_head_weight, bias, inp, B, T, chunk))

@@ -1,18 +1,23 @@
-"""Fused GRPO loss in Triton: same signature, results and errors as `reference.grpo_loss_reference`.
+"""Fused GRPO loss family in Triton: same signature, results and errors as `reference.grpo_loss_reference`.
 
-Memory traffic decides the speed (U = one pass over the logits, B*T*V elements):
+Memory traffic decides the speed (U = one pass over the logits, B*T*V elements). Two paths, chosen per
+call by `LossSpec.one_pass`:
 
-- token level, ONE launch, 2U: per row, pass 1 streams the logits once for an online logsumexp and
-  entropy (exp2, with 1/T and log2(e) folded into one multiplier); the token's log-prob, ratio,
-  clipped surrogate, k3 KL and clip flags follow, and with them the token's gradient weight g_t
-  (known at forward time for all four loss types); pass 2 re-reads the same row (from L2 on a GPU)
-  and writes dL/dz = g_t * (onehot(y) - softmax(z/T)) / T, into the logits themselves when
-  `inplace=True`. The autograd backward only applies the upstream gradient, and skips all work on the
-  device when it is exactly 1.
-- sequence level (GSPO), 3U: a log-prob pass, the per-sequence ratio in torch ([B, T] work), then a
-  gradient pass; rows whose gradient weight is 0 (masked, or A = 0 without KL) write zeros unread.
+- one launch, 2U (token-level grpo / bnpo / dr_grpo / dapo / luspo / cispo / sapo, with or without old
+  log-probs, KL (bias-corrected or not), token-mode importance-sampling weights and a fixed entropy
+  bonus): per row, pass 1 streams the logits once for an online logsumexp and entropy (exp2, with 1/T and
+  log2(e) folded into one multiplier); the token's log-prob, ratio, surrogate, importance weight, KL and
+  clip flags follow, and with them the token's gradient weights g = dL/dlogp and e = dL/dH, all known
+  at forward time; pass 2 re-reads the same row (from L2 on a GPU) and writes
+  dL/dz = (g (onehot(y) - p) - e p (log p + H)) / T, into the logits themselves when `inplace=True`.
+  This in-kernel per-token formula is the only second copy of `losses.objective`, and is tested against it.
+- two launches, 3U (GSPO's sequence ratio, VESPO's summed ratio, sequence-mode importance weights, the
+  off-policy mask, the top-entropy quantile): launch 1 writes every row's log-prob, entropy and
+  log-sum-exp (1U); `losses.objective` runs on those [B, T] values and autograd gives g and e per token
+  ([B, T] work); launch 2 writes the gradient (2U); rows whose g and e are 0 write zeros unread.
 
-Kernels -> host launchers -> torch.autograd.Function -> public functions, from top to bottom.
+The autograd backward only applies the upstream gradient, and skips all work on the device when it is
+exactly 1. Kernels -> host launchers -> torch.autograd.Function -> public functions, from top to bottom.
 """
 from __future__ import annotations
 
@@ -23,19 +28,24 @@ import triton
 import triton.language as tl
 
 from ._launch import check_device, row_config
+from .losses import LossSpec, objective, row_weights
 from .reference import (
     GRPOLossOutput,
     check_grpo_loss_args,
     check_selective_logps_args,
+    resolve_spec,
 )
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
 # Rows of the per-token statistics buffer written by the token kernel ([_N_STATS, B*T] fp32).
-_LOGP, _LOSS, _KL, _ENT, _LOW, _HIGH, _N_STATS = range(7)
-# Rows of the buffer written by the sequence-level log-prob kernel.
+_LOGP, _LOSS, _KL, _ENT, _LOW, _HIGH, _ISW, _N_STATS = range(8)
+# Rows of the buffer written by the two-pass path's first launch.
 _SEQ_LOGP, _SEQ_ENT, _SEQ_LSE2, _SEQ_N = range(4)
+# In-kernel surrogates (LossType.kernel_id) and importance-sampling modes.
+_CLIP, _CISPO, _SAPO = 0, 1, 2
+_IS_NONE, _IS_TRUNCATE, _IS_MASK = 0, 1, 2
 
 
 # --------------------------------------------------------------------------------------------------
@@ -64,14 +74,19 @@ def _row_logsumexp(row_ptr, V, c, BLOCK_V: tl.constexpr, WITH_ENTROPY: tl.conste
 
 
 @triton.jit
-def _write_grad_row(row_ptr, grad_row_ptr, y, V, c, lse2, coef, BLOCK_V: tl.constexpr):
-    """grad[v] = coef * (onehot(y)[v] - softmax(z/T)[v]), with softmax = 2^(z*c - lse2)."""
+def _write_grad_row(row_ptr, grad_row_ptr, y, V, c, lse2, coef, ecoef, entropy, BLOCK_V: tl.constexpr,
+                    WITH_ENT: tl.constexpr):
+    """grad[v] = coef * (onehot(y)[v] - p[v]) + ecoef * p[v] * (log p[v] + H), with p = softmax(z/T)
+    = 2^(z*c - lse2); the second term is the entropy's (coef = g/T, ecoef = -e/T, see the module doc)."""
     cols = tl.arange(0, BLOCK_V)
     for start in range(0, V, BLOCK_V):
         offs = start + cols
         inside = offs < V
-        x = tl.load(row_ptr + offs, mask=inside, other=0.0).to(tl.float32) * c
-        g = -coef * tl.exp2(x - lse2)
+        x2 = tl.load(row_ptr + offs, mask=inside, other=0.0).to(tl.float32) * c - lse2
+        p = tl.exp2(x2)
+        g = -coef * p
+        if WITH_ENT:
+            g += ecoef * p * (x2 * 0.6931471805599453 + entropy)
         g = tl.where(offs == y, g + coef, g)
         tl.store(grad_row_ptr + offs, g.to(grad_row_ptr.dtype.element_ty), mask=inside)
 
@@ -87,10 +102,11 @@ def _zero_row(grad_row_ptr, V, BLOCK_V: tl.constexpr):
 
 @triton.jit
 def _grpo_token_kernel(
-    logits_ptr, grad_ptr, ids_ptr, mask_ptr, adv_ptr, weight_ptr, old_ptr, ref_ptr, stats_ptr,
-    T, V, N, stride_lb, stride_lt, stride_gb, stride_gt,
-    eps_low, eps_high, delta, beta, inv_temp, grad_scale,
-    HAS_OLD: tl.constexpr, HAS_KL: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+    logits_ptr, grad_ptr, ids_ptr, mask_ptr, adv_ptr, weight_ptr, old_ptr, ref_ptr, sampling_ptr, ent_w_ptr,
+    stats_ptr, T, V, N, stride_lb, stride_lt, stride_gb, stride_gt,
+    eps_low, eps_high, delta, beta, inv_temp, grad_scale, tau_pos, tau_neg, is_min, is_max,
+    SURR: tl.constexpr, HAS_OLD: tl.constexpr, HAS_KL: tl.constexpr, BIAS_KL: tl.constexpr,
+    IS_MODE: tl.constexpr, HAS_ENT: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     b = row // T
@@ -99,7 +115,7 @@ def _grpo_token_kernel(
     grad_row_ptr = grad_ptr + b * stride_gb + t * stride_gt
     if tl.load(mask_ptr + row) == 0:
         # A masked row writes zeros without reading its logits.
-        for k in tl.static_range(6):
+        for k in tl.static_range(7):
             tl.store(stats_ptr + k * N + row, 0.0)
         if WRITE_GRAD:
             _zero_row(grad_row_ptr, V, BLOCK_V)
@@ -113,7 +129,7 @@ def _grpo_token_kernel(
     y = tl.load(ids_ptr + row).to(tl.int64)
     logp = (tl.load(row_ptr + y).to(tl.float32) * c - lse2) * 0.6931471805599453
 
-    # The token's loss and dL/dlogp; the ratio's derivative with respect to logp is the ratio itself.
+    # The token's loss and dL/dlogp (losses.objective, token level); d ratio / d logp = ratio.
     adv = tl.load(adv_ptr + b)
     if HAS_OLD:
         ratio = tl.exp(logp - tl.load(old_ptr + row))
@@ -121,34 +137,74 @@ def _grpo_token_kernel(
         ratio = tl.exp(logp - logp)  # on-policy: exactly 1, with a gradient
     lo = 1.0 - eps_low
     hi = 1.0 + eps_high
-    surr1 = tl.minimum(ratio, delta) * adv
-    surr2 = tl.minimum(tl.maximum(ratio, lo), hi) * adv
-    d1 = tl.where(ratio <= delta, adv * ratio, 0.0)
-    d2 = tl.where((ratio >= lo) & (ratio <= hi), adv * ratio, 0.0)
-    # min(surr1, surr2) sends the gradient to the smaller term, half to each on a tie (as torch.min).
-    dmin = tl.where(surr1 < surr2, d1, tl.where(surr1 > surr2, d2, 0.5 * (d1 + d2)))
-    loss = -tl.minimum(surr1, surr2)
-    dloss = -dmin
+    if SURR == 0:  # clipped: -min(min(r, delta) A, clip(r) A)
+        surr1 = tl.minimum(ratio, delta) * adv
+        surr2 = tl.minimum(tl.maximum(ratio, lo), hi) * adv
+        d1 = tl.where(ratio <= delta, adv * ratio, 0.0)
+        d2 = tl.where((ratio >= lo) & (ratio <= hi), adv * ratio, 0.0)
+        # min(surr1, surr2) sends the gradient to the smaller term, half to each on a tie (as torch.min).
+        dmin = tl.where(surr1 < surr2, d1, tl.where(surr1 > surr2, d2, 0.5 * (d1 + d2)))
+        loss = -tl.minimum(surr1, surr2)
+        dloss = -dmin
+        low = (ratio < lo) & (adv < 0)
+        high = (ratio > hi) & (adv > 0)
+    elif SURR == 1:  # cispo: -sg(min(r, eps_high)) A logp
+        cap = tl.minimum(ratio, eps_high)
+        loss = -cap * adv * logp
+        dloss = -cap * adv
+        low = ratio != ratio  # never (a boolean of the right shape)
+        high = (ratio > eps_high) & (adv > 0)
+    else:  # sapo: -sigmoid(tau (r - 1)) 4 / tau A
+        tau = tl.where(adv > 0, tau_pos, tau_neg)
+        gate = tl.sigmoid(tau * (ratio - 1.0))
+        loss = -gate * 4.0 / tau * adv
+        dloss = -4.0 * adv * gate * (1.0 - gate) * ratio
+        low = ratio != ratio
+        high = ratio != ratio
+    isw = 1.0
+    if IS_MODE != 0:  # TRL's token-mode correction weight from old (or logp) and the sampler's log-prob
+        if HAS_OLD:
+            gap = tl.load(old_ptr + row) - tl.load(sampling_ptr + row)
+        else:
+            gap = logp - tl.load(sampling_ptr + row)
+        gap = tl.where(gap != gap, 0.0, gap)  # an unknown (NaN) sampler log-prob: no correction
+        isw = tl.exp(gap)
+        if IS_MODE == 1:
+            isw = tl.minimum(tl.maximum(isw, is_min), is_max)
+        else:
+            isw = tl.where((isw < is_min) | (isw > is_max), 0.0, isw)
+        loss = loss * isw
+        dloss = dloss * isw
     kl = 0.0
     if HAS_KL:
         diff = tl.load(ref_ptr + row) - logp
         kl = tl.exp(diff) - diff - 1.0
+        dkl = 1.0 - tl.exp(diff)
+        if BIAS_KL:  # kl * r: d/dlogp = dkl r + kl r
+            dkl = (dkl + kl) * ratio
+            kl = kl * ratio
         loss += beta * kl
-        dloss += beta * (1.0 - tl.exp(diff))
+        dloss += beta * dkl
     weight = tl.load(weight_ptr + b)
-    # Statistics rows, in the order of _LOGP, _LOSS, _KL, _ENT, _LOW, _HIGH.
+    loss = weight * loss
+    ecoef = 0.0
+    if HAS_ENT:  # the bonus -coef * mean(H): ent_w = coef / active tokens; dL/dH = -ent_w
+        ent_w = tl.load(ent_w_ptr)
+        loss -= ent_w * entropy
+        ecoef = ent_w * grad_scale * inv_temp
+    # Statistics rows, in the order of _LOGP, _LOSS, _KL, _ENT, _LOW, _HIGH, _ISW.
     tl.store(stats_ptr + row, logp)
-    tl.store(stats_ptr + N + row, weight * loss)
+    tl.store(stats_ptr + N + row, loss)
     tl.store(stats_ptr + 2 * N + row, kl)
     tl.store(stats_ptr + 3 * N + row, entropy)
-    tl.store(stats_ptr + 4 * N + row, ((ratio < lo) & (adv < 0)).to(tl.float32))
-    tl.store(stats_ptr + 5 * N + row, ((ratio > hi) & (adv > 0)).to(tl.float32))
+    tl.store(stats_ptr + 4 * N + row, low.to(tl.float32))
+    tl.store(stats_ptr + 5 * N + row, high.to(tl.float32))
+    tl.store(stats_ptr + 6 * N + row, isw)
 
-    # Pass 2: the same row again, still in L2 on a GPU; dL/dz = g * (onehot - p) / T.
+    # Pass 2: the same row again, still in L2 on a GPU.
     if WRITE_GRAD:
         coef = weight * dloss * grad_scale * inv_temp
-        _write_grad_row(row_ptr, grad_row_ptr, y, V, c, lse2, coef, BLOCK_V)
-
+        _write_grad_row(row_ptr, grad_row_ptr, y, V, c, lse2, coef, ecoef, entropy, BLOCK_V, HAS_ENT)
 
 
 @triton.jit
@@ -156,7 +212,7 @@ def _sequence_logp_kernel(
     logits_ptr, ids_ptr, mask_ptr, out_ptr, T, V, N, stride_lb, stride_lt, inv_temp,
     BLOCK_V: tl.constexpr,
 ):
-    """Sequence level, launch 1 (1U): per active row, logp, entropy and log2-sum-exp2 for launch 2."""
+    """Two-pass path, launch 1 (1U): per active row, logp, entropy and log2-sum-exp2 for launch 2."""
     row = tl.program_id(0).to(tl.int64)
     b = row // T
     t = row % T
@@ -177,22 +233,27 @@ def _sequence_logp_kernel(
 
 @triton.jit
 def _sequence_grad_kernel(
-    logits_ptr, grad_ptr, ids_ptr, coef_ptr, lse2_ptr, T, V, stride_lb, stride_lt, stride_gb, stride_gt,
-    inv_temp, BLOCK_V: tl.constexpr,
+    logits_ptr, grad_ptr, ids_ptr, coef_ptr, ecoef_ptr, rows_ptr, T, V, N, stride_lb, stride_lt, stride_gb,
+    stride_gt, inv_temp, WITH_ENT: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    """Sequence level, launch 2 (2U): grad = coef * (onehot - softmax); rows with coef 0 are not read."""
+    """Two-pass path, launch 2 (2U): the gradient from per-row coefficients; rows whose coefficients are 0
+    are not read. ``rows_ptr`` is launch 1's buffer (entropy and log2-sum-exp2)."""
     row = tl.program_id(0).to(tl.int64)
     b = row // T
     t = row % T
     grad_row_ptr = grad_ptr + b * stride_gb + t * stride_gt
     coef = tl.load(coef_ptr + row)
-    if coef == 0:
+    ecoef = 0.0
+    if WITH_ENT:
+        ecoef = tl.load(ecoef_ptr + row)
+    if (coef == 0) & (ecoef == 0):
         _zero_row(grad_row_ptr, V, BLOCK_V)
         return
     row_ptr = logits_ptr + b * stride_lb + t * stride_lt
     y = tl.load(ids_ptr + row).to(tl.int64)
     c = inv_temp * 1.4426950408889634
-    _write_grad_row(row_ptr, grad_row_ptr, y, V, c, tl.load(lse2_ptr + row), coef, BLOCK_V)
+    _write_grad_row(row_ptr, grad_row_ptr, y, V, c, tl.load(rows_ptr + 2 * N + row), coef, ecoef,
+                    tl.load(rows_ptr + N + row), BLOCK_V, WITH_ENT)
 
 
 @triton.jit
@@ -238,56 +299,37 @@ class _Inputs:
     weights: torch.Tensor  # [B] fp32: each active token's loss weight (the aggregation)
     old: torch.Tensor | None  # [N] fp32
     ref: torch.Tensor | None  # [N] fp32, only when beta > 0
-    beta: float
-    epsilon_low: float
-    epsilon_high: float
-    delta: float  # inf when None
-    temperature: float
-    level: str
+    sampling: torch.Tensor | None  # [N] fp32, the sampler's log-probs
+    ent_w: torch.Tensor  # [1] fp32: entropy_coef / active tokens (the one-launch path's bonus weight)
+    spec: LossSpec
+    num_items_in_batch: object
+    gather: object
     grad_scale: float
     inplace: bool
 
-
-def _row_weights(mask, loss_type, max_completion_length, num_items_in_batch) -> torch.Tensor:
-    """[B] fp32 weight of every active token of row b, such that loss = sum_bt w_b m_bt L_bt."""
-    B, T = mask.shape
-    ones = torch.ones(B, dtype=torch.float32, device=mask.device)
-    if loss_type == "grpo":  # mean over rows of each row's token mean
-        return ones / (B * mask.sum(1).clamp(min=1))
-    if loss_type == "bnpo":  # mean over all active tokens
-        return ones / mask.sum().clamp(min=1)
-    if loss_type == "dr_grpo":
-        return ones / (B * (max_completion_length or T))
-    if num_items_in_batch is None:  # dapo
-        return ones / mask.sum().clamp(min=1)
-    if isinstance(num_items_in_batch, torch.Tensor):  # stays on the device: no synchronisation
-        return ones / num_items_in_batch.to(device=mask.device, dtype=torch.float32).reshape(())
-    return ones / float(num_items_in_batch)
+    @property
+    def one_pass(self) -> bool:
+        return self.spec.one_pass(self.old is not None, self.sampling is not None)
 
 
-def build_inputs(
-    completion_ids, advantages, completion_mask, old_logps, ref_logps, *, beta, epsilon_low, epsilon_high,
-    delta, temperature, loss_type, importance_sampling_level, max_completion_length, num_items_in_batch,
-    inplace, grad_scale,
-) -> _Inputs:
+def _flat(t):
+    return None if t is None else t.detach().to(torch.float32).reshape(-1).contiguous()
+
+
+def build_inputs(completion_ids, advantages, completion_mask, old_logps, ref_logps, sampling_logps, *, spec,
+                 num_items_in_batch, inplace, grad_scale, gather) -> _Inputs:
     """Everything the launchers need besides the logits, from validated public arguments."""
     mask = completion_mask != 0
+    mask_f = mask.reshape(-1).to(torch.float32)
     return _Inputs(
-        ids=completion_ids.reshape(-1),
-        mask=mask,
-        mask_f=mask.reshape(-1).to(torch.float32),
+        ids=completion_ids.reshape(-1), mask=mask, mask_f=mask_f,
         advantages=advantages.detach().to(torch.float32).contiguous(),
-        weights=_row_weights(mask, loss_type, max_completion_length, num_items_in_batch),
-        old=None if old_logps is None else old_logps.detach().to(torch.float32).reshape(-1).contiguous(),
-        ref=None if beta <= 0 else ref_logps.detach().to(torch.float32).reshape(-1).contiguous(),
-        beta=float(beta), epsilon_low=float(epsilon_low), epsilon_high=float(epsilon_high),
-        delta=float("inf") if delta is None else float(delta), temperature=float(temperature),
-        level=importance_sampling_level, grad_scale=float(grad_scale), inplace=bool(inplace),
+        weights=row_weights(mask, spec, num_items_in_batch),
+        old=_flat(old_logps), ref=_flat(ref_logps) if spec.beta > 0 else None, sampling=_flat(sampling_logps),
+        ent_w=(spec.entropy_coef / mask_f.sum().clamp(min=1)).reshape(1),
+        spec=spec, num_items_in_batch=num_items_in_batch, gather=gather, grad_scale=float(grad_scale),
+        inplace=bool(inplace),
     )
-
-
-def _masked_mean(values, mask_f, n_active):
-    return (values * mask_f).sum() / n_active
 
 
 def _new_grad(logits, inplace: bool) -> torch.Tensor:
@@ -297,22 +339,30 @@ def _new_grad(logits, inplace: bool) -> torch.Tensor:
 
 
 def launch_token_kernel(logits, grad, inp: _Inputs) -> torch.Tensor:
-    """One launch over logits [B', T', V]: returns the statistics [_N_STATS, B'*T'] fp32 and, when
-    `grad` is given (may be the logits themselves), writes the final gradient into it."""
+    """One launch over logits [B', T', V] (the one-pass path): returns the statistics [_N_STATS, B'*T'] fp32
+    and, when `grad` is given (may be the logits themselves), writes the final gradient into it."""
     B, T, V = logits.shape
     N = B * T
+    spec = inp.spec
     stats = torch.empty(_N_STATS, N, dtype=torch.float32, device=logits.device)
     g = grad if grad is not None else logits  # a valid pointer; never written without WRITE_GRAD
-    has_kl = inp.beta > 0
+    has_kl = spec.beta > 0
+    mode = spec.importance_sampling_mode if inp.sampling is not None else None
+    is_mode = _IS_NONE if mode is None else (_IS_TRUNCATE if mode.endswith("truncate") else _IS_MASK)
+    lo, hi = spec.importance_sampling_clip_min, spec.importance_sampling_clip_max
     if N == 0:  # Triton grids must not be empty
         return stats
     _grpo_token_kernel[(N,)](
         logits, g, inp.ids, inp.mask_f, inp.advantages, inp.weights,
-        inp.old if inp.old is not None else stats, inp.ref if has_kl else stats, stats,
+        inp.old if inp.old is not None else stats, inp.ref if has_kl else stats,
+        inp.sampling if inp.sampling is not None else stats, inp.ent_w, stats,
         T, V, N, logits.stride(0), logits.stride(1), g.stride(0), g.stride(1),
-        inp.epsilon_low, inp.epsilon_high, inp.delta, inp.beta, 1.0 / inp.temperature, inp.grad_scale,
-        HAS_OLD=inp.old is not None, HAS_KL=has_kl, WRITE_GRAD=grad is not None,
-        **row_config(V, _grpo_token_kernel),
+        spec.epsilon_low, spec.epsilon_high, float("inf") if spec.delta is None else spec.delta, spec.beta,
+        1.0 / spec.temperature, inp.grad_scale, spec.params_of("sapo_temperature_pos"),
+        spec.params_of("sapo_temperature_neg"), 0.0 if lo is None else lo, float("inf") if hi is None else hi,
+        SURR=spec.kind.kernel_id, HAS_OLD=inp.old is not None, HAS_KL=has_kl,
+        BIAS_KL=has_kl and spec.use_bias_correction_kl, IS_MODE=is_mode, HAS_ENT=spec.entropy_coef != 0,
+        WRITE_GRAD=grad is not None, **row_config(V, _grpo_token_kernel),
     )
     return stats
 
@@ -322,11 +372,14 @@ def token_outputs(stats, inp: _Inputs, B: int, T: int):
     n_active = inp.mask_f.sum().clamp(min=1)
     zero = torch.zeros((), dtype=torch.float32, device=stats.device)
     low, high = stats[_LOW].sum() / n_active, stats[_HIGH].sum() / n_active
+    entropy = stats[_ENT].sum() / n_active
+    has_is = inp.spec.importance_sampling_mode is not None and inp.sampling is not None
     outputs = (
         stats[_LOGP].view(B, T),
-        stats[_KL].sum() / n_active if inp.beta > 0 else zero,
+        stats[_KL].sum() / n_active if inp.spec.beta > 0 else zero,
         low, high, low + high,  # a token is never clipped low and high at once (sign of A)
-        stats[_ENT].sum() / n_active,
+        entropy, entropy, inp.mask_f.sum(),
+        stats[_ISW].sum() / n_active if has_is else zero + 1, zero,
     )
     return stats[_LOSS].sum(), outputs
 
@@ -339,45 +392,8 @@ def _token_forward(logits, inp: _Inputs, write_grad: bool):
     return (*token_outputs(stats, inp, B, T), grad)
 
 
-def _sequence_terms(logp, inp: _Inputs):
-    """GSPO in torch on [B, T]: per-token loss terms, clip flags and the gradient weight of each logp.
-
-    The sequence ratio s = exp(masked mean of logp - old) enters every active token, so d loss/d logp_t
-    = w_b * m_t * (dP/dlog s + beta * (1 - exp(ref_t - logp_t))), with P the clipped surrogate.
-    """
-    mask = inp.mask
-    B, T = mask.shape
-    if inp.old is None:
-        log_ratio = torch.zeros(B, device=logp.device)
-    else:
-        per_token = torch.where(mask, logp - inp.old.view(B, T), 0.0)
-        log_ratio = per_token.sum(1) / mask.sum(1).clamp(min=1)
-    ratio = torch.exp(log_ratio)  # [B]
-    adv = inp.advantages
-    lo, hi = 1.0 - inp.epsilon_low, 1.0 + inp.epsilon_high
-    surr1 = torch.clamp(ratio, max=inp.delta) * adv
-    surr2 = torch.clamp(ratio, lo, hi) * adv
-    d1 = torch.where(ratio <= inp.delta, adv * ratio, 0.0)
-    d2 = torch.where((ratio >= lo) & (ratio <= hi), adv * ratio, 0.0)
-    dmin = torch.where(surr1 < surr2, d1, torch.where(surr1 > surr2, d2, 0.5 * (d1 + d2)))
-    loss = (-torch.minimum(surr1, surr2)).unsqueeze(1).expand(B, T)
-    dloss = (-dmin).unsqueeze(1).expand(B, T)
-    kl = None
-    if inp.beta > 0:
-        diff = torch.where(mask, inp.ref.view(B, T) - logp, 0.0)
-        kl = torch.exp(diff) - diff - 1
-        loss = loss + inp.beta * kl
-        dloss = dloss + inp.beta * (1 - torch.exp(diff))
-    w = inp.weights.unsqueeze(1)
-    loss_terms = torch.where(mask, w * loss, 0.0)
-    coef = torch.where(mask, w * dloss * (inp.grad_scale / inp.temperature), 0.0)
-    low = ((ratio < lo) & (adv < 0)).float().unsqueeze(1)
-    high = ((ratio > hi) & (adv > 0)).float().unsqueeze(1)
-    return loss_terms, coef, kl, low, high
-
-
-def launch_sequence_logp_kernel(logits, inp: _Inputs) -> torch.Tensor:
-    """Launch 1 over logits [B', T', V]: returns [_SEQ_N, B'*T'] fp32 (logp, entropy, lse2)."""
+def launch_stats_kernel(logits, inp: _Inputs) -> torch.Tensor:
+    """Launch 1 of the two-pass path over logits [B', T', V]: [_SEQ_N, B'*T'] fp32 (logp, entropy, lse2)."""
     B, T, V = logits.shape
     N = B * T
     rows = torch.empty(_SEQ_N, N, dtype=torch.float32, device=logits.device)
@@ -385,54 +401,66 @@ def launch_sequence_logp_kernel(logits, inp: _Inputs) -> torch.Tensor:
         return rows
     _sequence_logp_kernel[(N,)](
         logits, inp.ids, inp.mask_f, rows, T, V, N, logits.stride(0), logits.stride(1),
-        1.0 / inp.temperature, **row_config(V, _sequence_logp_kernel),
+        1.0 / inp.spec.temperature, **row_config(V, _sequence_logp_kernel),
     )
     return rows
 
 
-def launch_sequence_grad_kernel(logits, grad, ids, coef, lse2, temperature: float) -> None:
-    """Launch 2 over logits [B', T', V]: grad = coef * (onehot - softmax(z/T)) per row ([B'*T'] coef)."""
+def launch_grad_kernel(logits, grad, ids, coef, ecoef, rows, temperature: float) -> None:
+    """Launch 2 over logits [B', T', V]: the gradient from per-row coefficients [B'*T'] (``ecoef`` None:
+    no entropy term) and launch 1's ``rows`` of the same rows."""
     B, T, V = logits.shape
-    if B * T == 0:
+    N = B * T
+    if N == 0:
         return
-    _sequence_grad_kernel[(B * T,)](
-        logits, grad, ids, coef.reshape(-1).contiguous(), lse2, T, V,
-        logits.stride(0), logits.stride(1), grad.stride(0), grad.stride(1),
-        1.0 / temperature, **row_config(V, _sequence_grad_kernel),
+    coef = coef.reshape(-1).contiguous()
+    _sequence_grad_kernel[(N,)](
+        logits, grad, ids, coef, coef if ecoef is None else ecoef.reshape(-1).contiguous(),
+        rows.contiguous(), T, V, N, logits.stride(0), logits.stride(1), grad.stride(0), grad.stride(1),
+        1.0 / temperature, WITH_ENT=ecoef is not None, **row_config(V, _sequence_grad_kernel),
     )
 
 
-def sequence_outputs(rows, inp: _Inputs, B: int, T: int):
-    """Loss, metrics and the per-token gradient coefficients [B, T] from launch 1's rows."""
+def two_pass_outputs(rows, inp: _Inputs, B: int, T: int, write_grad: bool):
+    """`losses.objective` on launch 1's log-probs and entropies; returns the loss, the metrics and the
+    gradient coefficients (coef, ecoef) of every row for launch 2 (None when not asked)."""
+    spec = inp.spec
+    mask = inp.mask
     logp = rows[_SEQ_LOGP].view(B, T)
-    loss_terms, coef, kl, low, high = _sequence_terms(logp, inp)
-    n_active = inp.mask_f.sum().clamp(min=1)
-    mask_f = inp.mask_f.view(B, T)
-    zero = torch.zeros((), dtype=torch.float32, device=rows.device)
-    low_mean, high_mean = _masked_mean(low, mask_f, n_active), _masked_mean(high, mask_f, n_active)
-    outputs = (
-        logp,
-        _masked_mean(kl, mask_f, n_active) if kl is not None else zero,
-        low_mean, high_mean, low_mean + high_mean,
-        rows[_SEQ_ENT].sum() / n_active,
-    )
-    return loss_terms.sum(), outputs, coef
+    with torch.enable_grad():
+        lp = logp.detach().requires_grad_(write_grad)
+        ent = rows[_SEQ_ENT].view(B, T).detach().requires_grad_(write_grad and spec.entropy_coef != 0)
+        terms = objective(lp, ent, inp.advantages, mask, spec,
+                          old=None if inp.old is None else inp.old.view(B, T),
+                          ref=None if inp.ref is None else inp.ref.view(B, T),
+                          sampling=None if inp.sampling is None else inp.sampling.view(B, T),
+                          num_items_in_batch=inp.num_items_in_batch, gather=inp.gather)
+        coefs = None
+        if write_grad:
+            leaves = [lp] + ([ent] if ent.requires_grad else [])
+            grads = torch.autograd.grad(terms.loss, leaves, allow_unused=True)
+            scale = inp.grad_scale / spec.temperature
+            coef = torch.zeros_like(logp) if grads[0] is None else grads[0] * scale
+            ecoef = None if len(grads) == 1 or grads[1] is None else -grads[1] * scale
+            coefs = (coef.detach(), None if ecoef is None else ecoef.detach())
+    outputs = (torch.where(mask, logp, 0.0), *(t.detach() for t in terms[1:]))
+    return terms.loss.detach(), outputs, coefs
 
 
-def _sequence_forward(logits, inp: _Inputs, write_grad: bool):
-    """Launch 1 (log-probs), the sequence ratio in torch, launch 2 (gradient)."""
+def _two_pass_forward(logits, inp: _Inputs, write_grad: bool):
+    """Launch 1 (log-probs, entropies), the objective in torch, launch 2 (gradient)."""
     B, T, _ = logits.shape
-    rows = launch_sequence_logp_kernel(logits, inp)
-    loss, outputs, coef = sequence_outputs(rows, inp, B, T)
+    rows = launch_stats_kernel(logits, inp)
+    loss, outputs, coefs = two_pass_outputs(rows, inp, B, T, write_grad)
     grad = None
     if write_grad:
         grad = _new_grad(logits, inp.inplace)
-        launch_sequence_grad_kernel(logits, grad, inp.ids, coef, rows[_SEQ_LSE2], inp.temperature)
+        launch_grad_kernel(logits, grad, inp.ids, *coefs, rows, inp.spec.temperature)
     return loss, outputs, grad
 
 
 def _forward(logits, inp: _Inputs, write_grad: bool):
-    run = _token_forward if inp.level == "token" else _sequence_forward
+    run = _token_forward if inp.one_pass else _two_pass_forward
     return run(logits, inp, write_grad)
 
 
@@ -476,26 +504,15 @@ def grpo_loss(
     old_logps: torch.Tensor | None = None,
     ref_logps: torch.Tensor | None = None,
     *,
-    beta: float = 0.0,
-    epsilon_low: float = 0.2,
-    epsilon_high: float = 0.2,
-    delta: float | None = None,
-    temperature: float = 1.0,
-    loss_type: str = "grpo",
-    importance_sampling_level: str = "token",
-    max_completion_length: int | None = None,
+    sampling_logps: torch.Tensor | None = None,
+    spec: LossSpec | None = None,
     num_items_in_batch=None,
     inplace: bool = False,
     grad_scale: float = 1.0,
+    gather=None,
+    **settings,
 ) -> GRPOLossOutput:
-    """GRPO loss with fused Triton kernels; the same results and errors as `grpo_loss_reference`.
-
-    Maths (T = temperature, m = completion_mask, A = advantages):
-        logp_t = z[y_t]/T - logsumexp(z/T); r_t = exp(logp_t - old_t), or at sequence level (GSPO)
-        s_b = exp(sum_t m (logp - old) / max(sum_t m, 1)) for every token of row b;
-        L_t = -min(min(r, delta) A, clip(r, 1 - eps_low, 1 + eps_high) A)
-              + beta * (exp(ref_t - logp_t) - (ref_t - logp_t) - 1),
-        aggregated as grpo / bnpo / dr_grpo / dapo (see the reference's docstring).
+    """GRPO loss family with fused Triton kernels; the same results and errors as `grpo_loss_reference`.
 
     Args:
         logits: [B, T, V] fp32/bf16/fp16 on CUDA (or CPU under TRITON_INTERPRET=1); logits[:, t]
@@ -505,9 +522,8 @@ def grpo_loss(
         advantages: [B] float. completion_mask: [B, T] bool or 0/1 int/float (a bool mask avoids the
             one small host synchronisation of the 0/1 check).
         old_logps: [B, T] or None (on-policy). ref_logps: [B, T], required when beta > 0.
-        beta, epsilon_low, epsilon_high, delta, temperature, loss_type, importance_sampling_level,
-        max_completion_length, num_items_in_batch: as in `grpo_loss_reference` (num_items_in_batch may
-            be a device tensor; it is never read on the host).
+        sampling_logps, spec / **settings, num_items_in_batch, gather: as in `grpo_loss_reference`
+            (num_items_in_batch may be a device tensor; it is never read on the host).
         inplace: write the gradient into the logits buffer (they are consumed: do not use the logits
             after this call, and make sure nothing else saved them for its backward). Saves B*T*V
             elements of memory.
@@ -518,31 +534,20 @@ def grpo_loss(
             backward on the unscaled loss: the stored gradient is then already final.
 
     Returns:
-        GRPOLossOutput(loss, per_token_logps [B, T] fp32, kl_mean, clip_ratio_low, clip_ratio_high,
-        clip_ratio_region, entropy_mean); only `loss` carries a gradient, and only one backward pass
-        may run through it.
+        GRPOLossOutput; only `loss` carries a gradient, and only one backward pass may run through it.
 
     Example:
         >>> out = grpo_loss(logits, ids, adv, mask, beta=0.04, ref_logps=ref, grad_scale=1 / 4)
         >>> out.loss.backward()  # logits.grad is final, including the 1/4
     """
-    check_grpo_loss_args(
-        logits, completion_ids, advantages, completion_mask, old_logps, ref_logps,
-        beta=beta, epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta,
-        temperature=temperature, loss_type=loss_type, importance_sampling_level=importance_sampling_level,
-        max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
-        grad_scale=grad_scale,
-    )
+    spec = resolve_spec(spec, settings)
+    check_grpo_loss_args(logits, completion_ids, advantages, completion_mask, old_logps, ref_logps, sampling_logps,
+                         spec=spec, num_items_in_batch=num_items_in_batch, grad_scale=grad_scale)
     check_device("grpo_loss", logits, _grpo_token_kernel)
     if logits.stride(-1) != 1:
         raise ValueError(f"logits need a contiguous last dimension, got strides {logits.stride()}")
-    inp = build_inputs(
-        completion_ids, advantages, completion_mask, old_logps, ref_logps, beta=beta,
-        epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta, temperature=temperature,
-        loss_type=loss_type, importance_sampling_level=importance_sampling_level,
-        max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
-        inplace=inplace, grad_scale=grad_scale,
-    )
+    inp = build_inputs(completion_ids, advantages, completion_mask, old_logps, ref_logps, sampling_logps, spec=spec,
+                       num_items_in_batch=num_items_in_batch, inplace=inplace, grad_scale=grad_scale, gather=gather)
     if torch.is_grad_enabled() and logits.requires_grad:
         return GRPOLossOutput(*_GRPOLossFunction.apply(logits, inp))
     loss, outputs, _ = _forward(logits.detach(), inp, write_grad=False)

@@ -1,15 +1,16 @@
-"""Eager PyTorch reference of the GRPO loss: the readable definition the Triton kernel must match.
+"""Eager PyTorch reference of the GRPO loss family: the readable definition the Triton kernels must match.
 
 Shared by the trainer (on machines without Triton), the tests (the golden path, run in float64) and the
-benchmarks (the eager baseline). Formulas follow TRL's GRPOTrainer so users can switch without surprises:
+benchmarks (the eager baseline). The log-probs and entropies of softmax(z / T) are computed from the
+logits here; everything after them is `losses.objective`, TRL 1.16's `_compute_loss` written once for
+all loss types (see `grpo_scale.kernels.losses` for the formulas):
 
     logp_t = z[y_t]/T - logsumexp(z/T)                      (T = temperature)
     r_t    = exp(logp_t - old_t)                            (token level)
     s_i    = exp(sum_t m (logp - old) / max(sum_t m, 1))    (sequence level, GSPO: r_t = s_i for all t)
-    L_t    = -min(min(r, delta) A, clip(r, 1 - eps_low, 1 + eps_high) A)
-             + beta * (exp(ref_t - logp_t) - (ref_t - logp_t) - 1)
+    L_t    = surrogate(r, A) (x masks, x importance weight) + beta * (exp(ref_t - logp_t) - (ref_t - logp_t) - 1)
 
-aggregated over active tokens (m = 1) as grpo / bnpo / dr_grpo / dapo (see `grpo_loss_reference`).
+aggregated over active tokens (m = 1) as the loss type says.
 """
 from __future__ import annotations
 
@@ -18,8 +19,7 @@ from typing import NamedTuple
 
 import torch
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
-IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+from .losses import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, LossSpec, objective  # noqa: F401 (re-exported)
 
 
 class GRPOLossOutput(NamedTuple):
@@ -32,6 +32,10 @@ class GRPOLossOutput(NamedTuple):
     clip_ratio_high: torch.Tensor  # 0-d, share of active tokens with r > 1 + eps_high and A > 0
     clip_ratio_region: torch.Tensor  # 0-d, low or high
     entropy_mean: torch.Tensor  # 0-d, masked mean of the entropy of softmax(z / T)
+    bonus_entropy_mean: torch.Tensor  # 0-d, mean entropy over the tokens the entropy bonus acts on
+    bonus_tokens: torch.Tensor  # 0-d, how many tokens that is (all active ones without top_entropy_quantile)
+    importance_sampling_ratio_mean: torch.Tensor  # 0-d, mean correction weight over active tokens (1: none)
+    off_policy_masked: torch.Tensor  # 0-d, share of active tokens the off-policy mask removed
 
 
 # --------------------------------------------------------------------------------------------------
@@ -83,19 +87,23 @@ def check_mask(completion_mask: torch.Tensor, shape: tuple, hint: str) -> None:
         )
 
 
+def resolve_spec(spec: LossSpec | None, settings: dict) -> LossSpec:
+    """The loss settings of a call: a validated `LossSpec`, or keyword settings (TRL's names) made into one."""
+    if spec is None:
+        return LossSpec.from_kwargs(**settings)
+    if not isinstance(spec, LossSpec):
+        raise ValueError(f"spec must be a grpo_scale.kernels.losses.LossSpec, got {type(spec).__name__}")
+    if settings:
+        raise ValueError(f"pass the loss settings either as spec or as keywords, not both (got spec and {sorted(settings)})")
+    return spec
+
+
 def check_grpo_loss_args(
-    logits, completion_ids, advantages, completion_mask, old_logps, ref_logps, *,
-    beta, epsilon_low, epsilon_high, delta, temperature, loss_type, importance_sampling_level,
-    max_completion_length, num_items_in_batch, grad_scale,
+    logits, completion_ids, advantages, completion_mask, old_logps, ref_logps, sampling_logps=None, *,
+    spec: LossSpec, num_items_in_batch, grad_scale,
 ) -> None:
-    """Raises ValueError, with a message that says what to change, for any bad GRPO loss argument."""
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
-    if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
-        raise ValueError(
-            f"importance_sampling_level must be one of {IMPORTANCE_SAMPLING_LEVELS}, "
-            f"got {importance_sampling_level!r}"
-        )
+    """Raises ValueError, with a message that says what to change, for any bad GRPO loss tensor argument
+    (the settings were checked when ``spec`` was made)."""
     _check_tensor("logits", logits)
     if logits.dim() != 3:
         raise ValueError(f"logits must have shape [B, T, V], got shape {tuple(logits.shape)}")
@@ -113,32 +121,21 @@ def check_grpo_loss_args(
     _check_shape("advantages", advantages, (B,), hint)
     if not advantages.is_floating_point():
         raise ValueError(f"advantages must be floating point, got {advantages.dtype}")
-    for name, value in (("old_logps", old_logps), ("ref_logps", ref_logps)):
+    tensors = (("old_logps", old_logps), ("ref_logps", ref_logps), ("sampling_logps", sampling_logps))
+    for name, value in tensors:
         if value is not None:
             _check_tensor(name, value)
             _check_shape(name, value, (B, T), hint)
             if not value.is_floating_point():
                 raise ValueError(f"{name} must be floating point (fp32), got {value.dtype}")
     for name, value in (("completion_ids", completion_ids), ("advantages", advantages),
-                        ("completion_mask", completion_mask), ("old_logps", old_logps),
-                        ("ref_logps", ref_logps)):
+                        ("completion_mask", completion_mask), *tensors):
         if isinstance(value, torch.Tensor) and value.device != logits.device:
             raise ValueError(f"{name} is on {value.device} but logits are on {logits.device}: move it")
-    beta = _check_float("beta", beta, low=0.0)
-    if beta > 0 and ref_logps is None:
+    if spec.beta > 0 and ref_logps is None:
         raise ValueError("beta > 0 needs ref_logps (the reference model's log-probs); pass them or set beta=0")
-    _check_float("epsilon_low", epsilon_low, low=0.0, high=1.0)
-    _check_float("epsilon_high", epsilon_high, low=0.0)
-    if delta is not None:
-        _check_float("delta", delta, low=0.0, low_open=True)
-    _check_float("temperature", temperature, low=0.0, low_open=True)
     if _check_float("grad_scale", grad_scale) in (float("inf"), float("-inf")):
         raise ValueError(f"grad_scale must be finite, got {grad_scale}")
-    if max_completion_length is not None and (
-        isinstance(max_completion_length, bool) or not isinstance(max_completion_length, numbers.Integral)
-        or max_completion_length <= 0
-    ):
-        raise ValueError(f"max_completion_length must be a positive int, got {max_completion_length!r}")
     if num_items_in_batch is not None:
         if isinstance(num_items_in_batch, torch.Tensor):
             if num_items_in_batch.numel() != 1:
@@ -182,13 +179,16 @@ class _ScaleGrad(torch.autograd.Function):
         return grad * ctx.scale, None
 
 
-def _logps_and_entropy(logits, ids, temperature, dtype):
-    """Per-token log-prob of `ids` (differentiable) and entropy of softmax(z/T) (detached), [B, T]."""
+def _logps_and_entropy(logits, ids, temperature, dtype, entropy_grad: bool):
+    """Per-token log-prob of `ids` (differentiable) and entropy of softmax(z/T), [B, T] each; the entropy is
+    differentiable only when ``entropy_grad`` (the entropy bonus), else computed without a graph."""
     if temperature == 1.0:
         logprobs = logits.log_softmax(-1, dtype=dtype)  # upcasts inside the kernel: no extra copy
     else:
         logprobs = (logits.to(dtype) / temperature).log_softmax(-1)
     logp = logprobs.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    if entropy_grad:
+        return logp, -(logprobs.exp() * logprobs).sum(-1)
     with torch.no_grad():
         plogp = logprobs.exp().mul_(logprobs)  # one N x V temporary, freed at once
         entropy = -plogp.sum(-1)
@@ -203,19 +203,15 @@ def grpo_loss_reference(
     old_logps: torch.Tensor | None = None,
     ref_logps: torch.Tensor | None = None,
     *,
-    beta: float = 0.0,
-    epsilon_low: float = 0.2,
-    epsilon_high: float = 0.2,
-    delta: float | None = None,
-    temperature: float = 1.0,
-    loss_type: str = "grpo",
-    importance_sampling_level: str = "token",
-    max_completion_length: int | None = None,
+    sampling_logps: torch.Tensor | None = None,
+    spec: LossSpec | None = None,
     num_items_in_batch=None,
     inplace: bool = False,
     grad_scale: float = 1.0,
+    gather=None,
+    **settings,
 ) -> GRPOLossOutput:
-    """GRPO loss in eager PyTorch (fp32 maths for low-precision logits; float64 stays float64).
+    """GRPO loss family in eager PyTorch (fp32 maths for low-precision logits; float64 stays float64).
 
     Args:
         logits: [B, T, V] fp32/bf16/fp16 (float64 for gradient checks); logits[:, t] scores
@@ -225,90 +221,40 @@ def grpo_loss_reference(
         completion_mask: [B, T] bool or 0/1 int/float; 1 = the token counts.
         old_logps: [B, T] or None (on-policy: old = logp.detach(), so the ratio is 1 with a gradient).
         ref_logps: [B, T]; required when beta > 0.
-        beta: weight of the k3 KL term exp(ref - logp) - (ref - logp) - 1.
-        epsilon_low, epsilon_high: clipping range [1 - epsilon_low, 1 + epsilon_high] of the ratio.
-        delta: when set, the unclipped term uses min(ratio, delta) (two-sided clipping).
-        temperature: logits are divided by it before the softmax.
-        loss_type: "grpo": mean over sequences of each sequence's token mean; "bnpo": mean over all
-            active tokens; "dr_grpo": sum / (B * max_completion_length); "dapo": sum / num_items_in_batch.
-        importance_sampling_level: "token", or "sequence" (GSPO: one ratio per sequence, the exp of
-            the masked mean log-ratio, used for every token; the gradient flows through the mean).
-        max_completion_length: dr_grpo normaliser (default: T).
-        num_items_in_batch: dapo normaliser, a number or a one-element tensor (default: the number of
-            active tokens in this call, at least 1).
+        sampling_logps: [B, T] the sampler's log-probs of the completion tokens (NaN where unknown), for
+            the importance-sampling correction and the off-policy mask; None: the sampler is the policy.
+        spec: a `LossSpec`, or instead the settings as keywords (``**settings``, TRL's names): loss_type
+            ("grpo" | "bnpo" | "dr_grpo" | "dapo" | "luspo" | "cispo" | "sapo" | "vespo"), beta,
+            epsilon_low, epsilon_high, delta, temperature, importance_sampling_level ("token" | "sequence",
+            GSPO), max_completion_length (the dr_grpo normaliser, default T), use_bias_correction_kl,
+            importance_sampling_mode / _clip_min / _clip_max, off_policy_mask_threshold,
+            top_entropy_quantile, entropy_coef, sapo_temperature_pos / _neg, vespo_k_pos / _lambda_pos /
+            _k_neg / _lambda_neg. Defaults are `LossSpec`'s.
+        num_items_in_batch: normaliser of dapo / cispo / vespo, a number or a one-element tensor (default:
+            the number of active tokens in this call, at least 1).
         inplace: accepted for signature compatibility with the Triton version and ignored.
         grad_scale: multiplies the gradient of the loss (not the returned loss value); the Triton
             version folds it into the gradient it stores during the forward.
+        gather: maps this rank's 1-D tensor of active entropies to all ranks' (top_entropy_quantile).
 
     Returns:
-        GRPOLossOutput(loss, per_token_logps, kl_mean, clip_ratio_low, clip_ratio_high,
-        clip_ratio_region, entropy_mean); everything but `loss` is detached. Tensors are fp32
-        (float64 for float64 logits).
+        GRPOLossOutput; everything but `loss` is detached. Tensors are fp32 (float64 for float64 logits).
     """
-    check_grpo_loss_args(
-        logits, completion_ids, advantages, completion_mask, old_logps, ref_logps,
-        beta=beta, epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta,
-        temperature=temperature, loss_type=loss_type, importance_sampling_level=importance_sampling_level,
-        max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
-        grad_scale=grad_scale,
-    )
+    spec = resolve_spec(spec, settings)
+    check_grpo_loss_args(logits, completion_ids, advantages, completion_mask, old_logps, ref_logps, sampling_logps,
+                         spec=spec, num_items_in_batch=num_items_in_batch, grad_scale=grad_scale)
     del inplace  # the eager path never consumes the logits
-    B, T, _ = logits.shape
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     mask = completion_mask != 0  # [B, T] bool
     ids = completion_ids.masked_fill(~mask, 0).long()  # padding ids may be out of range
 
-    logp, entropy = _logps_and_entropy(logits, ids, float(temperature), dtype)  # [B, T] each
-    # Masked positions get neutral old/ref values so no inf/NaN can leak into the gradient.
-    detached = logp.detach()
-    old = detached if old_logps is None else torch.where(mask, old_logps.to(dtype), detached)
-    adv = advantages.to(dtype).unsqueeze(1)  # [B, 1]
-
-    log_ratio = logp - old  # [B, T]
-    if importance_sampling_level == "sequence":
-        n_tokens = mask.sum(1, keepdim=True).clamp(min=1)
-        log_ratio = torch.where(mask, log_ratio, 0.0).sum(1, keepdim=True) / n_tokens  # [B, 1]
-    ratio = torch.exp(log_ratio)
-    unclipped = ratio if delta is None else torch.clamp(ratio, max=delta)
-    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
-    per_token = -torch.min(unclipped * adv, clipped * adv)  # [B, T] or [B, 1]
-    kl = None
-    if beta > 0:
-        ref = torch.where(mask, ref_logps.to(dtype), detached)
-        diff = ref - logp
-        kl = torch.exp(diff) - diff - 1
-        per_token = per_token + beta * kl
-    per_token = torch.where(mask, per_token, 0.0)  # [B, T]
-
-    if loss_type == "grpo":
-        loss = (per_token.sum(1) / mask.sum(1).clamp(min=1)).mean()
-    elif loss_type == "bnpo":
-        loss = per_token.sum() / mask.sum().clamp(min=1)
-    elif loss_type == "dr_grpo":
-        loss = per_token.sum() / (B * (max_completion_length or T))
-    else:  # dapo
-        normaliser = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
-        loss = per_token.sum() / normaliser
+    logp, entropy = _logps_and_entropy(logits, ids, float(spec.temperature), dtype, spec.entropy_coef != 0)
+    terms = objective(logp, entropy, advantages, mask, spec, old=old_logps, ref=ref_logps, sampling=sampling_logps,
+                      num_items_in_batch=num_items_in_batch, gather=gather)
+    loss = terms.loss
     if grad_scale != 1.0:
         loss = _ScaleGrad.apply(loss, float(grad_scale))
-
-    with torch.no_grad():
-        n_active = mask.sum().clamp(min=1)
-
-        def masked_mean(x):
-            return torch.where(mask, x, 0.0).sum().to(dtype) / n_active
-
-        low = (ratio < 1 - epsilon_low) & (adv < 0)
-        high = (ratio > 1 + epsilon_high) & (adv > 0)
-        return GRPOLossOutput(
-            loss=loss,
-            per_token_logps=torch.where(mask, detached, 0.0),
-            kl_mean=masked_mean(kl) if kl is not None else torch.zeros((), dtype=dtype, device=logits.device),
-            clip_ratio_low=masked_mean(low),
-            clip_ratio_high=masked_mean(high),
-            clip_ratio_region=masked_mean(low | high),
-            entropy_mean=masked_mean(entropy),
-        )
+    return GRPOLossOutput(loss, torch.where(mask, logp.detach(), 0.0), *terms[1:])
 
 
 def selective_logps_reference(

@@ -22,6 +22,7 @@ import torch
 
 import grpo_scale.kernels._launch as launch
 from grpo_scale.kernels.grpo_loss import grpo_loss, selective_logps
+from grpo_scale.kernels.losses import LOSS_REGISTRY
 from grpo_scale.kernels.reference import grpo_loss_reference, selective_logps_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -35,7 +36,7 @@ TOL = {  # dtype: (loss, log-probs and metrics; gradient)
     torch.bfloat16: (1e-5, 1.1 * _BF16_CONVERSION),
     torch.float16: (1e-5, 1.1 * 2**-11),
 }
-LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo"]
+LOSS_TYPES = list(LOSS_REGISTRY)
 LEVELS = ["token", "sequence"]
 
 
@@ -77,31 +78,47 @@ def make_case(shape, dtype, seed=0):
     gold_logp = selective_logps_reference(logits.double(), ids.clamp(min=0))
     old = (gold_logp + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)).float()
     ref = (gold_logp + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)).float()
+    opts = dict(opts, sampling=(old.double() + 0.1 * torch.randn(B, T, generator=g, dtype=torch.float64)).float()
+                .to(DEVICE))
     to = dict(device=DEVICE)
     return logits.to(**to), ids.to(**to), adv.to(**to), mask.to(**to), old.to(**to), ref.to(**to), opts
 
 
+def loss_settings(loss_type, with_old):
+    """Settings that make each loss type's own branches run: delta for the clipped family (ratios reach
+    e^0.3 off-policy), a cap cispo reaches."""
+    kind = LOSS_REGISTRY[loss_type]
+    out = {"loss_type": loss_type}
+    if kind.surrogate == "clip" and with_old:
+        out["delta"] = 1.3
+    if kind.surrogate == "cispo":
+        out["epsilon_high"] = 1.15
+    return out
+
+
 def check_against_gold(shape, dtype, loss_type, level, beta, with_old, temperature, monkeypatch,
-                       **extra):
+                       with_sampling=False, **extra):
     logits, ids, adv, mask, old, ref, opts = make_case(shape, dtype)
     if "block" in opts:
         monkeypatch.setattr(launch, "INTERPRETER_MAX_BLOCK_V", opts["block"])
-    kwargs = dict(beta=beta, temperature=temperature, loss_type=loss_type, importance_sampling_level=level,
-                  delta=1.5 if with_old else None, **extra)
+    kwargs = dict(beta=beta, temperature=temperature, importance_sampling_level=level,
+                  **loss_settings(loss_type, with_old), **extra)
     old = old if with_old else None
     ref = ref if beta > 0 else None
+    sampling = opts["sampling"] if with_sampling else None
 
     gold_logits = logits.detach().double().requires_grad_()
     gold = grpo_loss_reference(gold_logits, ids, adv.double(), mask,
                                None if old is None else old.double(), None if ref is None else ref.double(),
-                               **kwargs)
+                               sampling_logps=None if sampling is None else sampling.double(), **kwargs)
     gold.loss.backward()
 
     x = logits.detach().clone() if not opts.get("strided") else logits.detach()
     if opts.get("strided"):  # keep the view's strides: the kernel must use them, not a copy
         assert not x.is_contiguous() and x.stride(-1) == 1
     x.requires_grad_()
-    out = grpo_loss(x, ids, adv, mask, old, ref, inplace=opts.get("inplace", False), **kwargs)
+    out = grpo_loss(x, ids, adv, mask, old, ref, sampling_logps=sampling, inplace=opts.get("inplace", False),
+                    **kwargs)
     out.loss.backward()
 
     tol_values, tol_grad = TOL[dtype]
@@ -200,7 +217,8 @@ def test_zero_advantage_rows_and_all_masked(level, nan_empty):
     x = logits.clone().requires_grad_()
     out = grpo_loss(x, ids, adv, torch.zeros_like(mask), old, importance_sampling_level=level)
     out.loss.backward()
-    assert all((value == 0).all() for value in out) and (x.grad == 0).all()
+    assert all((value == 0).all() for name, value in zip(out._fields, out) if name != "importance_sampling_ratio_mean")
+    assert out.importance_sampling_ratio_mean == 1 and (x.grad == 0).all()  # 1: no correction
 
 
 def test_grad_scale_and_upstream_gradient(nan_empty):
@@ -305,17 +323,24 @@ row = {"T": "i32", "V": "i32", "stride_lb": "i64", "stride_lt": "i64"}
 for dt in ("fp32", "bf16"):
     p = f"*{dt}"
     token = {"logits_ptr": p, "grad_ptr": p, "ids_ptr": "*i64", **{k: "*fp32" for k in (
-        "mask_ptr", "adv_ptr", "weight_ptr", "old_ptr", "ref_ptr", "stats_ptr")}, **row, "N": "i32",
-        "stride_gb": "i64", "stride_gt": "i64", **{k: "fp32" for k in (
-        "eps_low", "eps_high", "delta", "beta", "inv_temp", "grad_scale")}}
-    jobs = [(g._grpo_token_kernel, token, dict(HAS_OLD=o, HAS_KL=k, WRITE_GRAD=w))
-            for o, k, w in itertools.product([False, True], repeat=3)]
+        "mask_ptr", "adv_ptr", "weight_ptr", "old_ptr", "ref_ptr", "sampling_ptr", "ent_w_ptr", "stats_ptr")},
+        **row, "N": "i32", "stride_gb": "i64", "stride_gt": "i64", **{k: "fp32" for k in (
+        "eps_low", "eps_high", "delta", "beta", "inv_temp", "grad_scale", "tau_pos", "tau_neg", "is_min",
+        "is_max")}}
+    # every surrogate with every importance-sampling mode and all options on, then each option off
+    flags = [(surr, mode, True, True, True, True, True) for surr, mode in itertools.product([0, 1, 2], [0, 1, 2])]
+    flags += [(0, 0, False, False, False, False, True), (0, 0, True, True, False, True, True),
+              (0, 1, True, True, True, True, False)]
+    jobs = [(g._grpo_token_kernel, token, dict(SURR=surr, IS_MODE=mode, HAS_OLD=o, HAS_KL=k, BIAS_KL=bias,
+                                               HAS_ENT=ent, WRITE_GRAD=w))
+            for surr, mode, o, k, bias, ent, w in (flags if dt == "fp32" else flags[-3:])]
     jobs += [
         (g._sequence_logp_kernel, {"logits_ptr": p, "ids_ptr": "*i64", "mask_ptr": "*fp32",
                                    "out_ptr": "*fp32", **row, "N": "i32", "inv_temp": "fp32"}, {}),
-        (g._sequence_grad_kernel, {"logits_ptr": p, "grad_ptr": p, "ids_ptr": "*i64", "coef_ptr": "*fp32",
-                                   "lse2_ptr": "*fp32", **row, "stride_gb": "i64", "stride_gt": "i64",
-                                   "inv_temp": "fp32"}, {}),
+        *[(g._sequence_grad_kernel, {"logits_ptr": p, "grad_ptr": p, "ids_ptr": "*i64", "coef_ptr": "*fp32",
+                                     "ecoef_ptr": "*fp32", "rows_ptr": "*fp32", **row, "N": "i32",
+                                     "stride_gb": "i64", "stride_gt": "i64", "inv_temp": "fp32"},
+                                    {"WITH_ENT": ent}) for ent in (False, True)],
         (g._selective_logps_kernel, {"logits_ptr": p, "ids_ptr": "*i64", "out_ptr": "*fp32", **row,
                                      "inv_temp": "fp32"}, {}),
         (g._scale_rows_kernel, {"grad_ptr": p, "scale_ptr": "*fp32", "T": "i32", "V": "i32",

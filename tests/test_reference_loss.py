@@ -56,8 +56,11 @@ def test_output_fields_and_types():
     logits, ids = uniform_case(2, 3)
     out = run(logits, ids, [1.0, -1.0])
     assert isinstance(out, GRPOLossOutput)
-    assert out._fields == ("loss", "per_token_logps", "kl_mean", "clip_ratio_low", "clip_ratio_high",
-                           "clip_ratio_region", "entropy_mean")
+    # the contract's first seven fields, in order; later ones are appended, never inserted
+    assert out._fields[:7] == ("loss", "per_token_logps", "kl_mean", "clip_ratio_low", "clip_ratio_high",
+                               "clip_ratio_region", "entropy_mean")
+    assert out._fields[7:] == ("bonus_entropy_mean", "bonus_tokens", "importance_sampling_ratio_mean",
+                               "off_policy_masked")
     assert out.loss.requires_grad and out.loss.dim() == 0
     assert all(not t.requires_grad for t in out[1:])
     assert out.per_token_logps.shape == (2, 3)
@@ -190,8 +193,8 @@ def test_all_tokens_masked_gives_zeros_not_nan():
     mask = torch.zeros(2, 2)
     for loss_type in ("grpo", "bnpo", "dr_grpo", "dapo"):
         out = run(logits, ids, [1.0, -1.0], mask=mask, old_shift=3.0, loss_type=loss_type)
-        for value in out:
-            assert torch.isfinite(value).all() and (value == 0).all()
+        for name, value in zip(out._fields, out):  # the correction weight's mean is 1: no correction
+            assert torch.isfinite(value).all() and (value == (name == "importance_sampling_ratio_mean")).all()
 
 
 @pytest.mark.parametrize("mask_dtype", [torch.bool, torch.int64, torch.int32, torch.float32, torch.float64])
