@@ -11,9 +11,13 @@ with two figures in units of U = bytes of the logits (B * T * V * element size):
   written) gets it on-chip (registers/L1/L2: the design keeps a row in flight per SM), so only its
   first read counts; every other read counts again. Each distinct element a program stores counts once.
 
-The design's figures on an unmasked case: 2U for the token level forward + backward (one launch),
-3U for the sequence level (GSPO), 1U for `selective_logps`. A GPU's profiler (DRAM bytes) is the final
-word; this count is deterministic and shows the design on CPU.
+The design's figures on an unmasked case (`TARGETS`, the README's loss table): 2U for the forward + backward
+of every token-level loss type whose per-token gradient weight is known after one pass over the row
+(grpo, bnpo, dr_grpo, dapo, luspo, cispo, sapo; on- or off-policy; with the bias-corrected KL, token-mode
+importance weights and the entropy bonus), 3U where a statistic over the whole sequence or batch must
+come first (GSPO's sequence ratio, vespo's summed ratio, sequence-mode importance weights, the off-policy
+mask with old or sampler log-probs, the top-entropy quantile), 1U for `selective_logps`. A GPU's profiler
+(DRAM bytes) is the final word; this count is deterministic and shows the design on CPU.
 """
 from __future__ import annotations
 
@@ -181,8 +185,28 @@ def count_traffic():
 LOGITS_SIZED = ("logits_ptr", "grad_ptr")
 
 
+# case -> (settings, which inputs exist, stated HBM traffic of the logits and gradient tensors in U). The
+# quantile's figure is a bound: its launch 2 skips the rows the quantile dropped (zero gradient weight) and
+# writes their zeros unread, so it moves 2U + the kept share of the rows.
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "vespo")
+TARGETS = {
+    **{f"{t} {p}": (dict(loss_type=t, **({"epsilon_high": 5.0} if t == "cispo" else {})), p,
+                    3.0 if t == "vespo" else 2.0)
+       for t in LOSS_TYPES for p in ("on-policy", "old_logps")},
+    "grpo sequence level (GSPO)": (dict(loss_type="grpo", importance_sampling_level="sequence"), "old_logps", 3.0),
+    "dapo top_entropy_quantile 0.2": (dict(top_entropy_quantile=0.2), "on-policy", 3.0),
+    "dapo off-policy mask, on-policy": (dict(off_policy_mask_threshold=0.1), "on-policy", 2.0),
+    "dapo off-policy mask, old_logps": (dict(off_policy_mask_threshold=0.1), "old_logps", 3.0),
+    "dapo IS token_truncate": (dict(importance_sampling_mode="token_truncate"), "sampler", 2.0),
+    "dapo IS sequence_mask": (dict(importance_sampling_mode="sequence_mask"), "sampler", 3.0),
+    "dapo KL (bias-corrected) + entropy bonus": (dict(beta=0.04, use_bias_correction_kl=True, entropy_coef=0.01),
+                                                 "old_logps", 2.0),
+}
+
+
 def measure(B=2, T=8, V=1000, dtype=torch.bfloat16, seed=0) -> list[dict]:
-    """Runs every case on an unmasked batch; returns one row per case with issued and modelled U."""
+    """Runs every case on an unmasked batch; returns one row per case with issued and modelled U, and the
+    stated target (None where there is none) of the logits-sized tensors' modelled traffic."""
     from grpo_scale.kernels.grpo_loss import grpo_loss, selective_logps
 
     g = torch.Generator().manual_seed(seed)
@@ -191,22 +215,28 @@ def measure(B=2, T=8, V=1000, dtype=torch.bfloat16, seed=0) -> list[dict]:
     adv = torch.randn(B, generator=g)
     mask = torch.ones(B, T, dtype=torch.bool)
     old = selective_logps(logits, ids) + 0.1 * torch.randn(B, T, generator=g)
+    sampler = old + 0.05 * torch.randn(B, T, generator=g)
+    ref = old + 0.1 * torch.randn(B, T, generator=g)
     unit = logits.numel() * logits.element_size()
 
-    def fwd_bwd(upstream=1.0, **kwargs):
+    def fwd_bwd(upstream=1.0, inputs="old_logps", **kwargs):
         x = logits.clone().requires_grad_()
-        out = grpo_loss(x, ids, adv, mask, old, **kwargs)
+        out = grpo_loss(x, ids, adv, mask, None if inputs == "on-policy" else old,
+                        ref if kwargs.get("beta") else None, sampling_logps=sampler if inputs == "sampler" else None,
+                        **kwargs)
         (out.loss * upstream if upstream != 1.0 else out.loss).backward()
 
     cases = {
-        "token fwd+bwd": lambda: fwd_bwd(),
-        "token fwd+bwd inplace": lambda: fwd_bwd(inplace=True),
-        "token fwd+bwd, upstream 0.5": lambda: fwd_bwd(upstream=0.5),
-        "sequence fwd+bwd": lambda: fwd_bwd(importance_sampling_level="sequence"),
-        "selective_logps": lambda: selective_logps(logits, ids),
+        "token fwd+bwd": (lambda: fwd_bwd(), 2.0),
+        "token fwd+bwd inplace": (lambda: fwd_bwd(inplace=True), 2.0),
+        "token fwd+bwd, upstream 0.5": (lambda: fwd_bwd(upstream=0.5), 4.0),  # the scaling re-reads and rewrites
+        "sequence fwd+bwd": (lambda: fwd_bwd(importance_sampling_level="sequence"), 3.0),
+        "selective_logps": (lambda: selective_logps(logits, ids), 1.0),
+        **{name: ((lambda s=settings, i=inputs: fwd_bwd(inputs=i, **s)), target)
+           for name, (settings, inputs, target) in TARGETS.items()},
     }
     rows = []
-    for name, run in cases.items():
+    for name, (run, target) in cases.items():
         with count_traffic() as counter:
             run()
         totals = counter.totals(unit)
@@ -214,6 +244,7 @@ def measure(B=2, T=8, V=1000, dtype=torch.bfloat16, seed=0) -> list[dict]:
         rows.append({"case": name, "launches": len(counter.launches),
                      "issued_U": round(totals["issued"], 4), "hbm_U": round(totals["hbm"], 4),
                      "logits_grad_issued_U": round(big["issued"], 4), "logits_grad_hbm_U": round(big["hbm"], 4),
+                     "target_U": target, "meets_target": round(big["hbm"], 4) <= target,
                      "B": B, "T": T, "V": V, "dtype": str(dtype).replace("torch.", ""),
                      "kernels": " + ".join(launch.kernel for launch in counter.launches)})
     return rows
@@ -229,10 +260,12 @@ def main(argv=None):
     rows = measure(args.B, args.T, args.V)
     print(f"B={args.B} T={args.T} V={args.V} bf16, unmasked; U = {args.B * args.T * args.V * 2} bytes. "
           "All arguments / only the logits and gradient tensors:")
-    print(f"{'case':30s} {'launches':>8s} {'issued U':>9s} {'HBM U':>7s} {'issued U':>9s} {'HBM U':>7s}  kernels")
+    print(f"{'case':42s} {'launches':>8s} {'issued U':>9s} {'HBM U':>7s} {'issued U':>9s} {'HBM U':>7s} "
+          f"{'target':>6s}  kernels")
     for r in rows:
-        print(f"{r['case']:30s} {r['launches']:8d} {r['issued_U']:9.3f} {r['hbm_U']:7.3f} "
-              f"{r['logits_grad_issued_U']:9.3f} {r['logits_grad_hbm_U']:7.3f}  {r['kernels']}")
+        print(f"{r['case']:42s} {r['launches']:8d} {r['issued_U']:9.3f} {r['hbm_U']:7.3f} "
+              f"{r['logits_grad_issued_U']:9.3f} {r['logits_grad_hbm_U']:7.3f} "
+              f"{r['target_U']:5.1f}{' ' if r['meets_target'] else '!'}  {r['kernels']}")
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -242,4 +275,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    sys.exit(0 if all(r["meets_target"] for r in main()) else 1)
