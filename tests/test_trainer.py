@@ -2,6 +2,8 @@
 ZeRO-3, alone and combined with the other features, are in test_matrix.py."""
 import json
 import math
+import copy
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -130,27 +132,62 @@ def test_missing_gguf_support_names_the_install(tmp_path, monkeypatch):
         cfg.check_paths()
 
 
-def test_loss_impls_train_the_same(tmp_path):
+# Every loss type, each with one of the extras, through the trainer (old and reference log-probs from
+# reused rollouts, accumulation, the sampler's log-probs from the decoding loop).
+LOSS_CASES = {
+    "grpo": {},
+    "bnpo": {"entropy_coef": 0.01},
+    "dr_grpo": {"importance_sampling_correction": True, "importance_sampling_mode": "token_truncate"},
+    "dapo": {"off_policy_mask_threshold": 0.001},
+    "luspo": {"importance_sampling_level": "sequence"},
+    "cispo": {"epsilon_high": 5.0, "importance_sampling_correction": True, "importance_sampling_mode": "sequence_mask"},
+    "sapo": {"top_entropy_quantile": 0.5, "use_bias_correction_kl": False},
+    "vespo": {"importance_sampling_correction": True, "importance_sampling_mode": "token_mask"},
+}
+
+
+def test_loss_impls_train_the_same_for_every_loss_type(tmp_path):
     """eager, the Triton kernel (under the interpreter on CPU) and the fused-linear path give the same
-    losses, metrics and weights over a short run with beta, reused rollouts and accumulation."""
+    losses, metrics and weights for one optimiser step of every loss type, from the same rollout and the
+    same starting state, with beta, off-policy old log-probs and accumulation. (One step: after an update,
+    metrics near zero such as the KL depend on the signs of rounding-level gradients through Adam.)"""
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("needs CUDA or TRITON_INTERPRET=1 (set by conftest on CPU)")
-    results = {}
-    for impl in ("eager", "triton", "fused_linear"):
-        # A small learning rate: Adam's first steps are about lr * sign(g), so gradients that differ only
-        # by rounding would move weights by up to 2 lr; one rollout, so every path sees the same samples.
-        trainer = make_trainer(tmp_path / impl, "--loss_impl", impl, "--beta", "0.1", "--num_iterations", "2",
-                               "--gradient_accumulation_steps", "2", "--per_device_train_batch_size", "4",
-                               "--max_completion_length", "16", "--max_steps", "2", "--learning_rate", "1e-5",
-                               "--temperature", "2.0")
-        assert trainer.loss_impl == impl
-        m = trainer.grpo_step(trainer.generate_and_score())
-        assert trainer.step == 2
-        results[impl] = (torch.tensor([m["loss"], m["kl_mean"], m["entropy_mean"], m["clip_ratio_region"]]),
-                         params_of(trainer))
-    for impl in ("triton", "fused_linear"):
-        assert torch.allclose(results[impl][0], results["eager"][0], rtol=1e-3, atol=1e-6), impl
-        assert torch.allclose(results[impl][1], results["eager"][1], atol=5e-5), impl
+    # A small learning rate: Adam's first steps are about lr * sign(g), so gradients that differ only
+    # by rounding would move weights by up to 2 lr.
+    # small (2 x 8 tokens per micro-batch): the interpreter runs a Triton program per token row
+    args = ["--beta", "0.1", "--gradient_accumulation_steps", "2",
+            "--per_device_train_batch_size", "2", "--max_completion_length", "8", "--max_steps", "1",
+            "--learning_rate", "1e-5", "--temperature", "2.0"]
+    trainers = {impl: make_trainer(tmp_path / impl, "--loss_impl", impl, *args)
+                for impl in ("eager", "triton", "fused_linear")}
+    batch = trainers["eager"].generate_and_score()
+    assert batch["rollout"].sampling_logps is not None
+    g = torch.Generator().manual_seed(0)  # old log-probs off the policy: ratios away from 1, clipping
+    old = trainers["eager"]._logps(trainers["eager"].model, batch["rollout"])
+    batch["old_logps"] = old + 0.3 * torch.randn(old.shape, generator=g)
+    start = {impl: (copy.deepcopy(t.acc.unwrap_model(t.model).state_dict()), copy.deepcopy(t.optimizer.state_dict()),
+                    copy.deepcopy(t.scheduler.state_dict())) for impl, t in trainers.items()}
+    for loss_type, extra in LOSS_CASES.items():
+        results = {}
+        for impl, trainer in trainers.items():
+            model_state, opt_state, sched_state = start[impl]
+            trainer.acc.unwrap_model(trainer.model).load_state_dict(model_state)
+            trainer.optimizer.load_state_dict(opt_state)
+            trainer.scheduler.load_state_dict(sched_state)
+            trainer.step = 0
+            trainer.cfg = dataclasses.replace(trainer.cfg, loss_type=loss_type, **extra)
+            trainer.loss_spec = trainer.cfg.loss_spec()
+            before = params_of(trainer)
+            m = trainer.grpo_step(batch)
+            assert not torch.equal(params_of(trainer), before)
+            assert trainer.step == 1 and trainer.loss_impl == impl
+            results[impl] = (torch.tensor([m["loss"], m["kl_mean"], m["entropy_mean"], m["clip_ratio_region"]]),
+                             params_of(trainer))
+        for impl in ("triton", "fused_linear"):
+            assert torch.allclose(results[impl][0], results["eager"][0], rtol=1e-4, atol=1e-6), \
+                (loss_type, impl, results[impl][0], results["eager"][0])
+            assert torch.allclose(results[impl][1], results["eager"][1], atol=5e-5), (loss_type, impl)
 
 
 def test_shared_prompts_train_the_same(tmp_path):
