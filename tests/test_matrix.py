@@ -37,7 +37,7 @@ TEMPERATURE = 2.0  # hot sampling: the completions of a group differ
 # matrix_probe:text_checksum gives distinct completions distinct rewards: every group has a spread
 COMMON = ["--eval_size", "4", "--eval_batch_size", "4", "--max_completion_length", "12", "--report_to", "none",
           "--num_generations", "4", "--per_device_train_batch_size", "4", "--learning_rate", "2e-3",
-          "--temperature", str(TEMPERATURE), "--cpu_threads", "1", "--loss_type", "dapo",
+          "--temperature", str(TEMPERATURE), "--cpu_threads", "1",
           "--reward_funcs", "correctness,format,matrix_probe:text_checksum", "--reward_weights", "1,0.2,1"]
 
 # (launch, loss_impl, beta > 0, share_prompt, num_iterations 2, accumulation 2, gradient checkpointing, bf16, LoRA,
@@ -57,6 +57,26 @@ ROWS = [
     ("zero3_offload", "triton", 0, 0, 1, 1, 0, 0, 0, 0),
     ("zero3_offload", "fused_linear", 1, 1, 0, 0, 0, 0, 1, 0),
 ]
+# The loss family rides along, one loss type (and extra) per row: every type runs under some launch, the
+# cross-rank entropy quantile under ZeRO-3, importance weights from the decoding loop's log-probs with
+# every launch. Row i of ROWS uses LOSSES[i].
+IS = "--importance_sampling_correction"
+LOSSES = [
+    ["--loss_type", "grpo", "--entropy_coef", "0.01", "--use_adaptive_entropy", "true", "--entropy_target", "9"],
+    ["--loss_type", "sapo"],
+    ["--loss_type", "cispo", "--epsilon_high", "5", IS, "true", "--importance_sampling_mode", "token_truncate"],
+    ["--loss_type", "vespo", IS, "true", "--importance_sampling_mode", "token_mask"],
+    ["--loss_type", "bnpo", "--off_policy_mask_threshold", "0.01"],
+    ["--loss_type", "luspo", "--importance_sampling_level", "sequence"],
+    ["--loss_type", "dr_grpo", "--top_entropy_quantile", "0.5"],
+    ["--loss_type", "dapo", IS, "true", "--importance_sampling_mode", "sequence_mask", "--off_policy_mask_threshold",
+     "0.01"],
+    ["--loss_type", "grpo", "--top_entropy_quantile", "0.5", "--entropy_coef", "0.01"],
+    ["--loss_type", "dapo"],
+    ["--loss_type", "sapo", IS, "true", "--importance_sampling_mode", "token_truncate"],
+    ["--loss_type", "vespo"],
+    ["--loss_type", "cispo", "--epsilon_high", "5", "--entropy_coef", "0.01", "--use_adaptive_entropy", "true"],
+]
 FACTORS = ("launch", "loss_impl", "beta", "share_prompt", "num_iterations", "gradient_accumulation_steps",
            "gradient_checkpointing", "bf16", "use_peft", "dynamic_sampling")
 PAIRED = (0, 1, 2, 3, 4, 5, 6, 8, 9)  # every factor but precision
@@ -75,11 +95,12 @@ def cell_name(row) -> str:
 
 def cell_args(row) -> list[str]:
     launch, impl, beta, share, iters, ga, gc, bf16, peft, dyn = row
+    loss = LOSSES[ROWS.index(row)] if row in ROWS else ["--loss_type", "dapo"]
     # two rollouts: the second is scored after the policy moved, so reference and policy log-probs differ
     return COMMON + ["--max_steps", str(2 * (1 + iters)), "--loss_impl", impl, "--beta", "0.04" if beta else "0", "--share_prompt", str(bool(share)),
                      "--num_iterations", str(1 + iters), "--gradient_accumulation_steps", str(1 + ga),
                      "--gradient_checkpointing", str(bool(gc)), "--bf16", str(bool(bf16)), "--use_peft", str(bool(peft))
-                     ] + (DYNAMIC if dyn else [])
+                     ] + loss + (DYNAMIC if dyn else [])
 
 
 def test_rows_cover_every_pair():
@@ -106,6 +127,14 @@ def test_rows_cover_every_pair():
     assert any(r[0].startswith("zero3") and r[1] == "fused_linear" and r[2] for r in peft)
     assert any(r[0].startswith("zero3") and r[6] for r in peft)
     assert any(r[7] and r[2] and r[0] == "zero3" for r in ROWS), "the bf16 cell: a partitioned reference in bf16"
+    from grpo_scale.kernels.losses import LOSS_TYPES
+    assert len(LOSSES) == len(ROWS)
+    types = {loss[1] for loss in LOSSES}
+    assert types == set(LOSS_TYPES), set(LOSS_TYPES) - types
+    launches_with = {flag: {r[0] for r, loss in zip(ROWS, LOSSES) if flag in loss} for flag in (
+        IS, "--off_policy_mask_threshold", "--top_entropy_quantile", "--entropy_coef", "--use_adaptive_entropy")}
+    assert launches_with[IS] == set(LAUNCHES) and "zero3" in launches_with["--top_entropy_quantile"]
+    assert all(launches_with.values())
 
 
 def launch_cells(tmp_path: Path, launch: str, rows, extra=(), world: int = 2,
