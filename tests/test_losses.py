@@ -7,6 +7,7 @@ respect to the logits computed by TRL 1.16's own ``GRPOTrainer._compute_loss`` i
 (`fixtures/make_trl_losses.py` wrote it). The reference must match them to 1e-6 in float64, the Triton
 kernel and fused_linear (under the interpreter on CPU) to 1e-5 in fp32.
 """
+import importlib.util
 import math
 import os
 from pathlib import Path
@@ -17,8 +18,12 @@ import torch
 from grpo_scale.kernels.losses import LOSS_REGISTRY, LOSS_TYPES, LossSpec, LossSpecError
 from grpo_scale.kernels.reference import grpo_loss_reference
 
-FIXTURE = torch.load(Path(__file__).with_name("fixtures") / "trl_losses.pt")
-ROWS = FIXTURE["rows"]
+_FIXTURES = Path(__file__).with_name("fixtures")
+_spec = importlib.util.spec_from_file_location("make_trl_losses", _FIXTURES / "make_trl_losses.py")
+_maker = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_maker)  # only its unpack(); TRL itself is not needed to read the fixture
+FIXTURE = torch.load(_FIXTURES / "trl_losses.pt")
+ROWS = _maker.unpack(FIXTURE)
 TRITON = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

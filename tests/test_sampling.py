@@ -96,3 +96,31 @@ def test_dropped_rows_sample_from_their_own_distribution(setup):
     top3 = logits.topk(3, dim=-1).indices
     in_top3 = (top3 == out.unsqueeze(-1)).any(-1)
     assert bool(in_top3[live].all()), f"{int((~in_top3[live]).sum())} token(s) outside their row's top-3"
+
+
+@pytest.mark.parametrize("drop", [True, False])
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.4, 0, 1.0), (0.9, 30, 0.95)])
+def test_recorded_logps_are_the_sampling_distributions(setup, drop, temperature, top_k, top_p):
+    """with_logps: each sampled token's log-prob under the warped distribution it was drawn from equals
+    the one a full forward of prompt + completion gives (up to rounding), 0 after the row's EOS; the
+    tokens are those of a run without it (the same seed)."""
+    model, tok, ids, mask, eos = setup
+    pad = tok.pad_token_id
+    kw = dict(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p, drop_finished=drop)
+    torch.manual_seed(3)
+    plain = our_sample(model, ids, mask, eos, pad, **kw)
+    torch.manual_seed(3)
+    out, logps = our_sample(model, ids, mask, eos, pad, with_logps=True, **kw)
+    assert torch.equal(out, plain) and logps.shape == out.shape and logps.dtype == torch.float32
+    seq = torch.cat([ids, out], 1)
+    alive = torch.ones_like(out, dtype=torch.bool)
+    for t in range(1, out.shape[1]):  # active: up to and including the first EOS
+        alive[:, t] = alive[:, t - 1] & ~torch.isin(out[:, t - 1], torch.tensor(eos))
+    attn = torch.cat([mask, alive.long()], 1)
+    pos = (attn.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = model(input_ids=seq, attention_mask=attn, position_ids=pos).logits[:, ids.shape[1] - 1:-1]
+    warped = warp_logits(logits.reshape(-1, logits.shape[-1]), temperature, top_k, top_p).log_softmax(-1)
+    want = warped.gather(1, out.reshape(-1, 1)).view(out.shape)
+    assert torch.allclose(logps[alive], want[alive], atol=1e-4)
+    assert (logps[~alive] == 0).all() and bool((~alive).any())
