@@ -36,7 +36,8 @@ if str(ROOT) not in sys.path:
 
 LOSS_TYPES = ("dapo", "grpo", "bnpo", "dr_grpo")  # dapo first: the default, and the one compiled
 # the fused kernel's own tests first: on a cold GPU machine Triton compiles every specialisation once
-KERNEL_TESTS = ["tests/test_grpo_loss.py", "tests/test_fused_linear_grpo_loss.py", "tests/test_reference_loss.py"]
+KERNEL_TESTS = ["tests/test_grpo_loss.py", "tests/test_fused_linear_grpo_loss.py", "tests/test_reference_loss.py",
+                "tests/test_losses.py"]  # the last: every loss type and extra against TRL 1.16 on the device
 # --dry-run: a few of the same tests, so the stage's plumbing is exercised in seconds
 DRY_KERNEL_TESTS = ["tests/test_grpo_loss.py::test_empty_batch",
                     "tests/test_reference_loss.py::test_output_fields_and_types"]

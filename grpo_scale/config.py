@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 import yaml
 
-from grpo_scale.kernels.losses import IMPORTANCE_SAMPLING_MODES, LOSS_REGISTRY, LOSS_TYPES, LossSpec, LossSpecError
+from grpo_scale.kernels.loss_types import IMPORTANCE_SAMPLING_MODES, LOSS_REGISTRY, LOSS_TYPES, LossSpec, LossSpecError
 from grpo_scale.models import EMBEDDED_PREFIX, ModelSourceError, gguf_source, resolve_model_path
 from grpo_scale.tasks.prompts import DEFAULT_SYSTEM_PROMPT
 

@@ -7,10 +7,11 @@ differentiate it with autograd on [B, T] tensors (`objective` again: sequence st
 for the token-level cases where every token's gradient weight is known after one pass over its row, use
 the in-kernel copy of the per-token formula (``kernels/grpo_loss.py``, tested against this one).
 
-A `LossType` holds what differs between loss types: the surrogate (how the importance ratio r and the
-advantage A become a per-token term), the aggregation (how the masked per-token terms become one number),
-TRL's parameters with TRL's defaults, and the cross-field rules. `LossSpec` holds a run's settings,
-validated once; it is frozen, so an object that passed validation stays valid.
+A `LossType` (``loss_types.py``, importable without torch, with `LOSS_REGISTRY` and `LossSpec`) holds what
+differs between loss types: the surrogate (how the importance ratio r and the advantage A become a
+per-token term, `SURROGATES` here), the aggregation (how the masked per-token terms become one number,
+`AGGREGATIONS` here), TRL's parameters with TRL's defaults, and the cross-field rules. `LossSpec` holds a
+run's settings, validated once; it is frozen, so an object that passed validation stays valid.
 
 Per token (m = completion mask, r = exp(logp - old), or GSPO's sequence ratio):
     clip (grpo, bnpo, dr_grpo, dapo, luspo): -min(min(r, delta) A, clip(r, 1 - eps_low, 1 + eps_high) A)
@@ -23,226 +24,25 @@ threshold), x top-entropy mask, x importance-sampling weight (not vespo, whose w
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-import numbers
-from dataclasses import dataclass, field
-from typing import Callable, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import torch
 
-IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
-IMPORTANCE_SAMPLING_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+from .loss_types import (  # noqa: F401 (re-exported: one import for the registry, the spec and the maths)
+    ALL_PARAMS,
+    IMPORTANCE_SAMPLING_LEVELS,
+    IMPORTANCE_SAMPLING_MODES,
+    LOSS_REGISTRY,
+    LOSS_TYPES,
+    SAPO_PARAMS,
+    VESPO_PARAMS,
+    LossSpec,
+    LossSpecError,
+    LossType,
+)
+
 _LOWER_LOG_CLAMP = math.log(1e-8)  # TRL's VESPO clamp of log-weights
-
-
-@dataclass(frozen=True)
-class LossType:
-    """What one loss type is. ``surrogate`` and ``aggregation`` name entries of `SURROGATES` and
-    `AGGREGATIONS`; ``params`` are its own settings (TRL's names and defaults); ``rules(spec)`` returns the
-    problems of a spec for this loss type (messages that say what to change); ``kernel_id`` is the in-kernel
-    surrogate of the one-launch Triton path (None: always the two-pass path)."""
-
-    name: str
-    surrogate: str
-    aggregation: str
-    summary: str
-    params: dict = field(default_factory=dict)
-    rules: Callable = lambda spec: []
-    kernel_id: Optional[int] = None
-    sequence_statistic: bool = False  # needs a statistic over each whole sequence before any gradient
-
-
-def _clip_rules(spec) -> list[str]:
-    if spec.delta is not None and spec.delta <= 1 + spec.epsilon_high:
-        return [f"delta must be > 1 + epsilon_high = {1 + spec.epsilon_high}, got {spec.delta} (or set delta: null)"]
-    return []
-
-
-def _no_delta(name):
-    def rules(spec) -> list[str]:
-        if spec.delta is not None:
-            return [f"delta (two-sided clipping) applies to the clipped loss types only, not {name}: set delta: null"]
-        return []
-    return rules
-
-
-def _cispo_rules(spec) -> list[str]:
-    out = _no_delta("cispo")(spec)
-    if spec.epsilon_high <= 1:
-        out.append(f"cispo reads epsilon_high as the cap of the ratio itself (TRL's epsilon_max, e.g. 5.0), not as "
-                   f"1 + epsilon_high: epsilon_high = {spec.epsilon_high} caps every ratio below 1, so set it above 1")
-    return out
-
-
-def _sapo_rules(spec) -> list[str]:
-    out = _no_delta("sapo")(spec)
-    for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
-        if not spec.params_of(name) > 0:
-            out.append(f"{name} must be > 0, got {spec.params_of(name)}")
-    return out
-
-
-def _vespo_rules(spec) -> list[str]:
-    out = _no_delta("vespo")(spec)
-    for name in ("vespo_k_pos", "vespo_k_neg"):
-        if not spec.params_of(name) >= 0:
-            out.append(f"{name} must be >= 0, got {spec.params_of(name)}")
-    for name in ("vespo_lambda_pos", "vespo_lambda_neg"):
-        if not spec.params_of(name) > 0:
-            out.append(f"{name} must be > 0, got {spec.params_of(name)}")
-    if spec.importance_sampling_mode in ("sequence_truncate", "sequence_mask"):
-        out.append(f"vespo folds the importance-sampling weight into its sequence weight token by token: set "
-                   f"importance_sampling_mode to token_truncate or token_mask, got {spec.importance_sampling_mode}")
-    return out
-
-
-SAPO_PARAMS = {"sapo_temperature_pos": 1.0, "sapo_temperature_neg": 1.05}
-VESPO_PARAMS = {"vespo_k_pos": 2.0, "vespo_lambda_pos": 3.0, "vespo_k_neg": 3.0, "vespo_lambda_neg": 2.0}
-
-LOSS_REGISTRY: dict[str, LossType] = {t.name: t for t in (
-    LossType("grpo", "clip", "sequence_mean", "mean over sequences of each sequence's token mean",
-             rules=_clip_rules, kernel_id=0),
-    LossType("bnpo", "clip", "token_mean", "mean over the active tokens of the micro-batch",
-             rules=_clip_rules, kernel_id=0),
-    LossType("dr_grpo", "clip", "fixed", "sum / (B x max_completion_length) (Dr. GRPO)",
-             rules=_clip_rules, kernel_id=0),
-    LossType("dapo", "clip", "items", "sum / active tokens of the whole generation batch (DAPO)",
-             rules=_clip_rules, kernel_id=0),
-    LossType("luspo", "clip", "sequence_sum", "mean over sequences of each sequence's token sum (LUSPO; "
-             "meant for importance_sampling_level: sequence)", rules=_clip_rules, kernel_id=0),
-    LossType("cispo", "cispo", "items", "clipped, detached importance weight times A logp (CISPO, MiniMax-M1); "
-             "epsilon_high is the cap", rules=_cispo_rules, kernel_id=1),
-    LossType("sapo", "sapo", "sequence_mean", "soft sigmoid gate instead of the hard clip (SAPO)",
-             params=SAPO_PARAMS, rules=_sapo_rules, kernel_id=2),
-    LossType("vespo", "vespo", "items", "detached gamma weight of the sequence ratio times A logp (VESPO)",
-             params=VESPO_PARAMS, rules=_vespo_rules, sequence_statistic=True),
-)}
-LOSS_TYPES = tuple(LOSS_REGISTRY)
-ALL_PARAMS = {**SAPO_PARAMS, **VESPO_PARAMS}
-
-
-def _real(name, value, problems, low=None, high=None, low_open=False, allow_none=False):
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or value != value:
-        problems.append(f"{name} must be a real number, got {value!r}")
-        return value
-    value = float(value)
-    if (low is not None and (value <= low if low_open else value < low)) or (high is not None and value > high):
-        bracket = "(" if low_open else "["
-        problems.append(f"{name} must lie in {bracket}{'-inf' if low is None else low}, "
-                        f"{'inf' if high is None else high}], got {value}")
-    return value
-
-
-class LossSpecError(ValueError):
-    """Bad loss settings; ``problems`` lists each one (a message that says what to change)."""
-
-    def __init__(self, problems: list[str]):
-        super().__init__("; ".join(problems))
-        self.problems = list(problems)
-
-
-@dataclass(frozen=True)
-class LossSpec:
-    """A run's loss settings, validated once (construction raises ValueError naming every problem).
-
-    Field names are TRL 1.16's where TRL has them; the importance-sampling fields drop TRL's ``vllm_``
-    prefix because here the sampler may be this project's own decoding loop.
-    """
-
-    loss_type: str = "grpo"
-    beta: float = 0.0
-    epsilon_low: float = 0.2
-    epsilon_high: float = 0.2
-    delta: Optional[float] = None
-    temperature: float = 1.0
-    importance_sampling_level: str = "token"
-    max_completion_length: Optional[int] = None
-    use_bias_correction_kl: bool = False
-    importance_sampling_mode: Optional[str] = None  # None: no correction
-    importance_sampling_clip_min: Optional[float] = None
-    importance_sampling_clip_max: Optional[float] = 3.0
-    off_policy_mask_threshold: Optional[float] = None
-    top_entropy_quantile: float = 1.0
-    entropy_coef: float = 0.0
-    params: tuple = ()  # ((name, value), ...) of the loss type's own parameters; missing ones take defaults
-
-    def __post_init__(self):
-        problems = []
-        if self.loss_type not in LOSS_REGISTRY:
-            raise LossSpecError([f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}"])
-        if self.importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
-            raise LossSpecError([f"importance_sampling_level must be one of {IMPORTANCE_SAMPLING_LEVELS}, "
-                                 f"got {self.importance_sampling_level!r}"])
-        _real("beta", self.beta, problems, low=0.0)
-        _real("epsilon_low", self.epsilon_low, problems, low=0.0, high=1.0)
-        _real("epsilon_high", self.epsilon_high, problems, low=0.0)
-        _real("delta", self.delta, problems, low=0.0, low_open=True, allow_none=True)
-        _real("temperature", self.temperature, problems, low=0.0, low_open=True)
-        m = self.max_completion_length
-        if m is not None and (isinstance(m, bool) or not isinstance(m, numbers.Integral) or m <= 0):
-            problems.append(f"max_completion_length must be a positive int, got {m!r}")
-        if not isinstance(self.use_bias_correction_kl, bool):
-            problems.append(f"use_bias_correction_kl must be true or false, got {self.use_bias_correction_kl!r}")
-        if self.importance_sampling_mode is not None and self.importance_sampling_mode not in IMPORTANCE_SAMPLING_MODES:
-            problems.append(f"importance_sampling_mode must be one of {IMPORTANCE_SAMPLING_MODES} (or null: no "
-                            f"correction), got {self.importance_sampling_mode!r}")
-        lo = _real("importance_sampling_clip_min", self.importance_sampling_clip_min, problems, low=0.0, allow_none=True)
-        hi = _real("importance_sampling_clip_max", self.importance_sampling_clip_max, problems, low=0.0, allow_none=True)
-        if isinstance(lo, float) and isinstance(hi, float) and lo > hi:
-            problems.append(f"importance_sampling_clip_min ({lo}) is above importance_sampling_clip_max ({hi})")
-        _real("off_policy_mask_threshold", self.off_policy_mask_threshold, problems, low=0.0, allow_none=True)
-        _real("top_entropy_quantile", self.top_entropy_quantile, problems, low=0.0, high=1.0)
-        _real("entropy_coef", self.entropy_coef, problems)
-        kind = LOSS_REGISTRY[self.loss_type]
-        for name, value in self.params:
-            if name not in ALL_PARAMS:
-                problems.append(f"{name} is not a loss parameter (known: {sorted(ALL_PARAMS)})")
-            else:
-                _real(name, value, problems)
-        if not problems:
-            problems += kind.rules(self)
-        if problems:
-            raise LossSpecError(problems)
-
-    @classmethod
-    def from_kwargs(cls, **kwargs) -> "LossSpec":
-        """A spec from keyword arguments, the loss types' parameters (TRL's names) among them."""
-        own = {f.name for f in dataclasses.fields(cls)} - {"params"}
-        unknown = [k for k in kwargs if k not in own and k not in ALL_PARAMS]
-        if unknown:
-            raise LossSpecError([f"unknown loss setting(s) {unknown}; known: {sorted(own | set(ALL_PARAMS))}"])
-        params = tuple(sorted((k, v) for k, v in kwargs.items() if k in ALL_PARAMS))
-        return cls(params=params, **{k: v for k, v in kwargs.items() if k in own})
-
-    def params_of(self, name: str) -> float:
-        return float(dict(self.params).get(name, ALL_PARAMS[name]))
-
-    def replace(self, **changes) -> "LossSpec":
-        return dataclasses.replace(self, **changes)
-
-    @property
-    def kind(self) -> LossType:
-        return LOSS_REGISTRY[self.loss_type]
-
-    def one_pass(self, has_old: bool, has_sampling: bool) -> bool:
-        """Whether every token's gradient weight is known after one pass over its own row (the one-launch,
-        2U Triton path); else log-probs first, the objective on [B, T], then the gradient pass (3U).
-
-        Token-level ratios, KL and token-mode importance weights need only the token's own old, reference and
-        sampler values. A sequence ratio (GSPO), VESPO's summed ratio, sequence-mode importance weights, the
-        off-policy mask (a mean over the sequence, unless nothing is off-policy: no old and no sampler
-        log-probs, where it keeps every token) and the entropy quantile (over the batch) need a pass between.
-        """
-        if (self.kind.kernel_id is None or self.importance_sampling_level != "token"
-                or self.top_entropy_quantile < 1.0):
-            return False
-        if self.off_policy_mask_threshold is not None and (has_old or has_sampling):
-            return False
-        mode = self.importance_sampling_mode
-        return not (has_sampling and mode is not None and mode.startswith("sequence"))
 
 
 class Terms(NamedTuple):

@@ -103,3 +103,14 @@ def test_parse_cli_bare_flag_and_equals():
 def test_the_readme_table_is_the_generated_one():
     readme = (ROOT / "README.md").read_text()
     assert markdown_table() in readme, "regenerate it: python -m grpo_scale.config --markdown"
+
+
+def test_the_configuration_loads_without_torch():
+    """The loss family's rules are checked without torch (bf16 given: its default asks torch for a GPU)."""
+    import subprocess
+    import sys
+    code = ("import sys; from grpo_scale.config import GRPOConfig, ConfigError\n"
+            "try: GRPOConfig(loss_type='cispo', bf16=False)\n"
+            "except ConfigError as e: print('cispo reads epsilon_high' in str(e), 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["True", "False"], out.stdout + out.stderr

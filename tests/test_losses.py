@@ -169,6 +169,12 @@ def test_gradcheck(loss_type, level):
 # --------------------------------------------------------------------------------------------------
 # The spec: one place per loss type, validated once.
 # --------------------------------------------------------------------------------------------------
+def test_readme_loss_table_has_every_loss_type():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for name in LOSS_TYPES:
+        assert f"| `{name}`" in readme, name
+
+
 def test_registry_entries_are_complete():
     from grpo_scale.kernels.losses import AGGREGATIONS, SURROGATES
     for kind in LOSS_REGISTRY.values():

@@ -259,3 +259,24 @@ def test_reused_rollouts_log_and_save_at_the_rollout_that_reaches_the_step(tmp_p
     assert summary["steps"] == trainer.step == 6
     assert [h["step"] for h in trainer.history] == [4, 6]
     assert sorted(p.name for p in (tmp_path / "out").glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
+
+
+def test_adaptive_entropy_follows_trl_and_resumes(tmp_path):
+    """use_adaptive_entropy: no bonus before the first measurement; after each optimiser step the
+    coefficient moves by entropy_coef_delta towards more bonus while the step's entropy is at or below
+    entropy_target (here always: 50 nats is above any entropy, at most ln V); the
+    controller's state is in trainer_state.json and a resumed run continues from it."""
+    args = ["--max_steps", "2", "--save_steps", "2", "--max_completion_length", "8", "--temperature", "2.0",
+            "--entropy_coef", "0.01", "--use_adaptive_entropy", "true", "--entropy_coef_delta", "0.02",
+            "--entropy_target", "50", "--entropy_coef_max", "0.04", "--logging_steps", "1"]
+    trainer = make_trainer(tmp_path, *args)
+    assert trainer._step_spec().entropy_coef == 0.0  # nothing measured yet: TRL applies no bonus
+    trainer.train()
+    control = trainer.entropy_control
+    assert control["coef"] == pytest.approx(0.04) and 0 < control["last_entropy"] <= 50  # 0.01 + 0.02, capped
+    assert trainer._step_spec().entropy_coef == pytest.approx(0.04)
+    assert [h["entropy_coef"] for h in trainer.history] == pytest.approx([0.03, 0.04])
+    state = json.loads((tmp_path / "out" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["entropy_control"] == control
+    resumed = make_trainer(tmp_path, *args[2:], "--max_steps", "3", "--resume_from_checkpoint", "latest")
+    assert resumed.entropy_control == control
