@@ -15,6 +15,7 @@ may be), and under ZeRO-3 rank 1 decodes half as many tokens as rank 0 (``watche
 """
 import contextlib
 import json
+import os
 import sys
 import time
 import zlib
@@ -102,15 +103,27 @@ def watched_decoding(cut_short: bool, seen: list):
         rollout.sample = original
 
 
-def run_cell(out: Path, name: str, args: list[str]) -> None:
+def run_cell(out: Path, name: str, args: list[str], env: dict | None = None) -> None:
+    """One cell. ``env``: Accelerate's DeepSpeed settings for this cell only (the launcher's config file
+    sets them for the launch; a ZeRO-3 launch runs its CPU-offload cells this way, without a launch of
+    their own)."""
     from accelerate.state import AcceleratorState
     AcceleratorState._reset_state()  # a fresh Accelerator (precision, accumulation, DeepSpeed config) per cell
-    cfg = load_config(args + ["--output_dir", str(out / name / "run")])
-    trainer = GRPOTrainer(cfg)
-    trainer.setup()
-    seen = []
-    with watched_decoding(trainer.zero_stage == 3 and trainer.acc.process_index == 1, seen):
-        _run_cell(out, name, cfg, trainer, seen)
+    saved = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})
+    try:
+        cfg = load_config(args + ["--output_dir", str(out / name / "run")])
+        trainer = GRPOTrainer(cfg)
+        trainer.setup()
+        seen = []
+        with watched_decoding(trainer.zero_stage == 3 and trainer.acc.process_index == 1, seen):
+            _run_cell(out, name, cfg, trainer, seen)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _run_cell(out: Path, name: str, cfg, trainer: GRPOTrainer, seen: list) -> None:
@@ -143,9 +156,19 @@ def _run_cell(out: Path, name: str, cfg, trainer: GRPOTrainer, seen: list) -> No
         "policy_logps": policy_logps.float().cpu(), "checksum": checksum,
         "ref_param_bytes": None if trainer.ref_model is None else param_bytes(trainer.ref_model),
         "lora": lora_record, "collectives_in_decoding": sorted(set(seen)),
+        "offload": _offload_devices(trainer),
     }
     trainer.save(summary)
     torch.save(record, out / name / f"rank{acc.process_index}.pt")
+
+
+def _offload_devices(trainer) -> tuple:
+    """(optimizer, parameter) offload devices of this cell's DeepSpeed engine, or None without DeepSpeed."""
+    plugin = trainer.acc.state.deepspeed_plugin
+    if plugin is None:
+        return None
+    zero = plugin.deepspeed_config.get("zero_optimization", {})
+    return tuple(str((zero.get(k) or {}).get("device", "none")) for k in ("offload_optimizer", "offload_param"))
 
 
 def main():
@@ -157,7 +180,7 @@ def main():
     for cell in cells:
         t0 = time.perf_counter()
         print(f"cell {cell['name']}: start", flush=True)
-        run_cell(out, cell["name"], cell["args"])
+        run_cell(out, cell["name"], cell["args"], cell.get("env"))
         print(f"cell {cell['name']}: done in {time.perf_counter() - t0:.1f}s", flush=True)
     if torch.distributed.is_initialized():  # see train.py's _shutdown
         torch.distributed.barrier()

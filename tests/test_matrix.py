@@ -137,10 +137,16 @@ def test_rows_cover_every_pair():
     assert all(launches_with.values())
 
 
+# A ZeRO-3 launch runs the CPU-offload cells too, with zero3_offload.yaml's settings for those cells only
+# (one launch less: about a minute of the suite).
+OFFLOAD_ENV = {"ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu", "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "cpu"}
+
+
 def launch_cells(tmp_path: Path, launch: str, rows, extra=(), world: int = 2,
                  timeout: int = 900) -> subprocess.CompletedProcess:
     """Run ``rows`` (with ``extra`` arguments last) in one launch of ``world`` CPU processes."""
-    cells = [{"name": cell_name(r), "args": cell_args(r) + list(extra)} for r in rows]
+    cells = [{"name": cell_name(r), "args": cell_args(r) + list(extra),
+              **({"env": OFFLOAD_ENV} if launch == "zero3" and r[0] == "zero3_offload" else {})} for r in rows]
     for c in cells:
         (tmp_path / c["name"]).mkdir(parents=True)
     probe = [str(ROOT / "tests" / "matrix_probe.py"), str(tmp_path), json.dumps(cells)]
@@ -184,6 +190,8 @@ def check_cell(out: Path, row, initial, initial_bf16, world: int = 2, groups_spa
     assert [r["process_index"] for r in recs] == list(range(world)), name
     assert all(r["num_processes"] == r["world_size"] == world for r in recs), name
     assert recs[0]["zero_stage"] == {"one": 0, "zero2": 2}.get(launch, 3), name
+    assert recs[0]["offload"] == {"one": None, "zero3_offload": ("cpu", "cpu")}.get(launch, ("none", "none")), \
+        (name, recs[0]["offload"])
     assert recs[0]["loss_impl"] == impl, name
     assert recs[0]["steps"] == 2 * (1 + iters) and recs[0]["history"], name
     for h in recs[0]["history"]:
@@ -285,9 +293,9 @@ def run_and_check(tmp_path, launch, rows, initial_models):
         check_cell(tmp_path, row, *initial_models)
 
 
-@pytest.mark.parametrize("launch", LAUNCHES)
+@pytest.mark.parametrize("launch", ("one", "zero2", "zero3"))
 def test_pairwise_cells(tmp_path, launch, initial_models):
-    run_and_check(tmp_path, launch, [r for r in ROWS if r[0] == launch], initial_models)
+    run_and_check(tmp_path, launch, [r for r in ROWS if r[0].split("_")[0] == launch], initial_models)
 
 
 @pytest.mark.slow  # 41 s; the default suite's ZeRO-3 cells share prompts on 2 ranks
