@@ -19,7 +19,8 @@ from typing import Any, Optional
 
 import yaml
 
-from grpo_scale.kernels.loss_types import IMPORTANCE_SAMPLING_MODES, LOSS_REGISTRY, LOSS_TYPES, LossSpec, LossSpecError
+from grpo_scale.kernels.loss_types import (IMPORTANCE_SAMPLING_MODES, LOSS_REGISTRY, LOSS_TYPES, SAPO_PARAMS,
+                                          VESPO_PARAMS, LossSpec, LossSpecError)
 from grpo_scale.models import EMBEDDED_PREFIX, ModelSourceError, gguf_source, resolve_model_path
 from grpo_scale.tasks.prompts import DEFAULT_SYSTEM_PROMPT
 
@@ -149,12 +150,18 @@ class _Fields:
     use_bias_correction_kl: bool = _f(True, "With beta > 0, multiply the KL term by the importance ratio (TRL's "
                                       "default, DeepSeek-V3.2): the unbiased reverse-KL gradient. Changes the "
                                       "gradient even on-policy, where the ratio is 1; false: the plain k3 term.")
-    sapo_temperature_pos: float = _f(1.0, "sapo: gate temperature for tokens with a positive advantage.")
-    sapo_temperature_neg: float = _f(1.05, "sapo: gate temperature for the others.")
-    vespo_k_pos: float = _f(2.0, "vespo: shape k of the gamma weight for non-negative advantages.")
-    vespo_lambda_pos: float = _f(3.0, "vespo: rate lambda for non-negative advantages.")
-    vespo_k_neg: float = _f(3.0, "vespo: shape k for negative advantages.")
-    vespo_lambda_neg: float = _f(2.0, "vespo: rate lambda for negative advantages.")
+    sapo_temperature_pos: float = _f(SAPO_PARAMS["sapo_temperature_pos"],
+                                   "sapo: gate temperature for tokens with a positive advantage.")
+    sapo_temperature_neg: float = _f(SAPO_PARAMS["sapo_temperature_neg"],
+                                   "sapo: gate temperature for the others.")
+    vespo_k_pos: float = _f(VESPO_PARAMS["vespo_k_pos"],
+                          "vespo: shape k of the gamma weight for non-negative advantages.")
+    vespo_lambda_pos: float = _f(VESPO_PARAMS["vespo_lambda_pos"],
+                               "vespo: rate lambda for non-negative advantages.")
+    vespo_k_neg: float = _f(VESPO_PARAMS["vespo_k_neg"],
+                          "vespo: shape k for negative advantages.")
+    vespo_lambda_neg: float = _f(VESPO_PARAMS["vespo_lambda_neg"],
+                               "vespo: rate lambda for negative advantages.")
     importance_sampling_correction: bool = _f(False, "Weight the loss by exp(old - sampler) log-probs, per "
                                               "importance_sampling_mode (TRL's vllm_importance_sampling_"
                                               "correction; the sampler is this trainer's decoding loop, whose "
