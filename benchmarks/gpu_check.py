@@ -34,7 +34,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-LOSS_TYPES = ("dapo", "grpo", "bnpo", "dr_grpo")  # dapo first: the default, and the one compiled
+LOSS_TYPES = ("dapo", "grpo", "bnpo", "dr_grpo", "luspo", "cispo", "sapo", "vespo")  # dapo first: the default,
+# and the one compiled; the last four are timed at token level only and without Liger (whose kernel has
+# the first four)
+NEW_LOSS_TYPES = ("luspo", "cispo", "sapo", "vespo")
 # the fused kernel's own tests first: on a cold GPU machine Triton compiles every specialisation once
 KERNEL_TESTS = ["tests/test_grpo_loss.py", "tests/test_fused_linear_grpo_loss.py", "tests/test_reference_loss.py",
                 "tests/test_losses.py"]  # the last: every loss type and extra against TRL 1.16 on the device
@@ -111,8 +114,9 @@ def kernel_points(dry_run: bool):
     """(point, providers to drop), in the order measured, so that a stage cut short by its cap has
     measured what matters most: dapo (the default) in full, logits and linear families, token and
     sequence level, every mode, torch.compile at token level; then each other loss type on the logits,
-    forward + backward only (the kernel differs by its aggregation only: the same traffic, and a compile
-    each would cost minutes)."""
+    forward + backward only (grpo, bnpo and dr_grpo differ from dapo by their aggregation only; luspo,
+    cispo and sapo by their in-kernel surrogate, at token level; vespo takes the two-launch path; a
+    compile each would cost minutes)."""
     from benchmarks.kernel_suite import Point
     B, T, V, H, dtype = (2, 8, 1031, 64, "bf16") if dry_run else (16, 1024, 151936, 896, "bf16")
     out = []
@@ -121,9 +125,10 @@ def kernel_points(dry_run: bool):
         out.append((Point("logits", B, T, V, dtype=dtype, level=level, memory=True), drop))
         out.append((Point("linear", B, T, V, H=H, dtype=dtype, level=level, memory=True), drop))
     for loss_type in LOSS_TYPES[1:]:
-        for level in ("token",) if dry_run else ("token", "sequence"):  # the dry run: one level suffices
+        new = loss_type in NEW_LOSS_TYPES
+        for level in ("token",) if dry_run or new else ("token", "sequence"):  # the dry run: one level suffices
             out.append((Point("logits", B, T, V, dtype=dtype, level=level, memory=True, modes=("fwd+bwd",),
-                              loss_type=loss_type, time=not dry_run), {"compile"}))
+                              loss_type=loss_type, time=not dry_run), {"compile", "liger"} if new else {"compile"}))
     return out
 
 

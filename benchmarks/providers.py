@@ -19,6 +19,8 @@ from typing import Callable
 import torch
 
 LOSS_KWARGS = dict(beta=0.04, epsilon_low=0.2, epsilon_high=0.2, temperature=1.0, loss_type="dapo")
+# a loss type's own settings where the shared ones do not fit (cispo's epsilon_high is the cap of the ratio)
+LOSS_TYPE_KWARGS = {"cispo": {"epsilon_high": 5.0}}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -57,7 +59,8 @@ class Case:
         return self.B * self.T * self.V * torch.tensor([], dtype=self.dtype).element_size()
 
     def loss_kwargs(self) -> dict:
-        return dict(LOSS_KWARGS, importance_sampling_level=self.level, loss_type=self.loss_type)
+        return dict(LOSS_KWARGS, importance_sampling_level=self.level, loss_type=self.loss_type,
+                    **LOSS_TYPE_KWARGS.get(self.loss_type, {}))
 
     def head(self, rows: int) -> "Case":
         """The same case restricted to its first `rows` sequences (for the correctness check)."""
