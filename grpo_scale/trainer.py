@@ -309,6 +309,9 @@ class GRPOTrainer:
         self.backend = pick_backend(self.cfg.loss_impl, self.acc.device)
         self.loss_impl = self.backend.name
         self.loss_spec = self.cfg.loss_spec()  # validated once; the adaptive entropy bonus replaces its coef
+        if self.acc.is_main_process:
+            for warning in self.loss_spec.warnings():
+                logger.warning(warning)
         self.entropy_control = {"coef": self.cfg.entropy_coef, "last_entropy": None}  # None: not measured yet
         self.step_spec = self.loss_spec
         if self.loss_impl == "fused_linear":

@@ -162,11 +162,14 @@ class LossSpec:
             problems.append(f"max_completion_length must be a positive int, got {m!r}")
         if not isinstance(self.use_bias_correction_kl, bool):
             problems.append(f"use_bias_correction_kl must be true or false, got {self.use_bias_correction_kl!r}")
-        if self.importance_sampling_mode is not None and self.importance_sampling_mode not in IMPORTANCE_SAMPLING_MODES:
+        mode = self.importance_sampling_mode
+        if mode is not None and mode not in IMPORTANCE_SAMPLING_MODES:
             problems.append(f"importance_sampling_mode must be one of {IMPORTANCE_SAMPLING_MODES} (or null: no "
                             f"correction), got {self.importance_sampling_mode!r}")
-        lo = _real("importance_sampling_clip_min", self.importance_sampling_clip_min, problems, low=0.0, allow_none=True)
-        hi = _real("importance_sampling_clip_max", self.importance_sampling_clip_max, problems, low=0.0, allow_none=True)
+        lo = _real("importance_sampling_clip_min", self.importance_sampling_clip_min, problems, low=0.0,
+                   allow_none=True)
+        hi = _real("importance_sampling_clip_max", self.importance_sampling_clip_max, problems, low=0.0,
+                   allow_none=True)
         if isinstance(lo, float) and isinstance(hi, float) and lo > hi:
             problems.append(f"importance_sampling_clip_min ({lo}) is above importance_sampling_clip_max ({hi})")
         _real("off_policy_mask_threshold", self.off_policy_mask_threshold, problems, low=0.0, allow_none=True)
@@ -192,6 +195,19 @@ class LossSpec:
             raise LossSpecError([f"unknown loss setting(s) {unknown}; known: {sorted(own | set(ALL_PARAMS))}"])
         params = tuple(sorted((k, v) for k, v in kwargs.items() if k in ALL_PARAMS))
         return cls(params=params, **{k: v for k, v in kwargs.items() if k in own})
+
+    def warnings(self) -> list[str]:
+        """Settings that are valid but probably not what was meant (TRL warns about the same)."""
+        out, level = [], self.importance_sampling_level
+        if self.loss_type == "luspo" and level != "sequence":
+            out.append("luspo is meant for importance_sampling_level: sequence (the paper's setup); it runs at "
+                       "token level")
+        if self.loss_type == "vespo" and level != "token":
+            out.append("vespo computes its own sequence-level weight: importance_sampling_level: token is meant")
+        if level == "sequence" and self.kind.aggregation in ("token_mean", "fixed", "items"):
+            out.append(f"{self.loss_type} sums per-token terms, so at importance_sampling_level: sequence each "
+                       "sequence weighs by its length; GSPO's setup is loss_type: grpo")
+        return out
 
     def params_of(self, name: str) -> float:
         return float(dict(self.params).get(name, ALL_PARAMS[name]))

@@ -88,7 +88,8 @@ def gamma_weights(adv, log_ratio, mask, is_ratio, spec) -> torch.Tensor:
         log_w = torch.clamp(seq, _LOWER_LOG_CLAMP, 20.0)
         nonneg = adv >= 0
         k = torch.where(nonneg, spec.params_of("vespo_k_pos"), spec.params_of("vespo_k_neg"))
-        lam = torch.where(nonneg, spec.params_of("vespo_lambda_pos"), spec.params_of("vespo_lambda_neg")).clamp(min=1e-4)
+        lam = torch.where(nonneg, spec.params_of("vespo_lambda_pos"), spec.params_of("vespo_lambda_neg"))
+        lam = lam.clamp(min=1e-4)
         phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w))
         return phi.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
 

@@ -201,6 +201,13 @@ def test_spec_errors_say_what_to_change(settings, match):
         LossSpec.from_kwargs(**settings)
 
 
+def test_spec_warns_as_trl_does():
+    assert LossSpec.from_kwargs(loss_type="grpo", importance_sampling_level="sequence").warnings() == []
+    assert "luspo is meant for" in LossSpec.from_kwargs(loss_type="luspo").warnings()[0]
+    assert "vespo computes" in LossSpec.from_kwargs(loss_type="vespo", importance_sampling_level="sequence").warnings()[0]
+    assert "weighs by its length" in LossSpec.from_kwargs(loss_type="dapo", importance_sampling_level="sequence").warnings()[0]
+
+
 def test_spec_is_frozen_and_picks_the_path():
     spec = LossSpec.from_kwargs(loss_type="dapo")
     with pytest.raises(Exception):
