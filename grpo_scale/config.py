@@ -307,11 +307,10 @@ class _Fields:
         need(self.entropy_coef_min <= self.entropy_coef_max, f"entropy_coef_min ({self.entropy_coef_min}) is above "
              f"entropy_coef_max ({self.entropy_coef_max})")
         need(self.entropy_coef_delta >= 0, f"entropy_coef_delta must be >= 0, got {self.entropy_coef_delta}")
-        if self.loss_type in LOSS_TYPES and self.importance_sampling_level in ("token", "sequence") \
-                and self.importance_sampling_mode in IMPORTANCE_SAMPLING_MODES:
+        if not errors:  # the loss family's own (cross-field) rules, once the fields above are each valid
             try:
                 self.loss_spec()
-            except LossSpecError as e:  # the loss family's own rules (grpo_scale.kernels.losses)
+            except LossSpecError as e:
                 errors.extend(e.problems)
         need(self.scale_rewards in ("group", "batch", "none"),
              f"scale_rewards must be group, batch or none, got {self.scale_rewards!r}")

@@ -1054,7 +1054,7 @@ class GRPOTrainer:
         for it in range(cfg.num_iterations):
             bad = False
             self.step_spec = self._step_spec()  # what _micro_loss computes during this optimiser step
-            window = torch.zeros(2, dtype=torch.float64)  # the bonus tokens' entropy sum and count
+            window = 0.0  # the bonus tokens' entropy sum and count, [2], over this step's micro-batches
             for s in range(0, len(rollout), mb):
                 if it == 0 and s:  # before the optimiser update, a stop abandons the step
                     self._stop_point("backward")
@@ -1084,8 +1084,8 @@ class GRPOTrainer:
                     sums["importance_sampling_ratio_mean"] += float(out.importance_sampling_ratio_mean)
                 if cfg.off_policy_mask_threshold is not None:
                     sums["off_policy_masked"] += float(out.off_policy_masked)
-                window += torch.tensor([float(out.bonus_entropy_mean) * float(out.bonus_tokens), float(out.bonus_tokens)],
-                                       dtype=torch.float64)
+                if cfg.use_adaptive_entropy:  # on the device: no wait per micro-batch
+                    window = window + torch.stack([out.bonus_entropy_mean * out.bonus_tokens, out.bonus_tokens])
                 if it == 0 and rb.sampling_logps is not None:
                     gaps.append(self._sampler_gap(out, rb))
                 n += 1
@@ -1099,7 +1099,7 @@ class GRPOTrainer:
         m = {k: float(acc.reduce(torch.tensor(v, device=acc.device), "mean")) for k, v in m.items()}
         m["skipped_step"] = skipped / cfg.num_iterations
         if gaps:  # how far the sampler's log-probs are from the training forward's (rounding, top-k / top-p)
-            g = acc.gather(torch.tensor(gaps, device=acc.device))
+            g = acc.gather(torch.stack(gaps).to(acc.device))  # [micro-batches of all ranks, 2]: one wait
             m["sampling/logp_gap_mean"], m["sampling/logp_gap_max"] = float(g[:, 0].mean()), float(g[:, 1].max())
         if cfg.entropy_coef or cfg.use_adaptive_entropy:
             m["entropy_coef"] = self.entropy_control["coef"] if cfg.use_adaptive_entropy else cfg.entropy_coef
@@ -1179,7 +1179,7 @@ class GRPOTrainer:
         """After an optimiser step: the mean entropy of the step's bonus tokens on all ranks ([sum, count]
         of its micro-batches) moves the adaptive coefficient by entropy_coef_delta, within its bounds."""
         cfg, c = self.cfg, self.entropy_control
-        total = self.acc.reduce(window.to(self.acc.device), "sum")
+        total = self.acc.reduce(window.to(device=self.acc.device, dtype=torch.float64), "sum")
         entropy = float(total[0] / total[1].clamp(min=1.0))
         step = cfg.entropy_coef_delta if entropy <= cfg.entropy_target else -cfg.entropy_coef_delta
         c["coef"] = min(max(c["coef"] + step, cfg.entropy_coef_min), cfg.entropy_coef_max)
@@ -1209,11 +1209,13 @@ class GRPOTrainer:
         return self.backend.loss(self._logits(self.model, rb), args, **kwargs)
 
     @staticmethod
-    def _sampler_gap(out, rb: Rollout) -> tuple[float, float]:
-        """Mean and max |trainer - sampler| log-prob over the active tokens (before any update)."""
-        active = rb.completion_mask.bool()
-        gap = (out.per_token_logps.float() - rb.sampling_logps.to(out.per_token_logps.device))[active].abs()
-        return (float(gap.mean()), float(gap.max())) if gap.numel() else (0.0, 0.0)
+    def _sampler_gap(out, rb: Rollout) -> torch.Tensor:
+        """[mean, max] |trainer - sampler| log-prob over the active tokens (before any update), on the device."""
+        active = rb.completion_mask.bool().to(out.per_token_logps.device)
+        gap = (out.per_token_logps.float() - rb.sampling_logps.to(out.per_token_logps.device)).abs()
+        count = active.sum()
+        return torch.stack([torch.where(active, gap, 0.0).sum() / count.clamp(min=1),
+                            torch.where(active, gap, 0.0).max() if gap.numel() else gap.new_zeros(())])
 
     # ================================================================== evaluation
     SAMPLES_SHOWN = 6  # held-out prompts shown before and after training in samples.md

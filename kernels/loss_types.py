@@ -26,7 +26,6 @@ class LossType:
     params: dict = field(default_factory=dict)
     rules: Callable = lambda spec: []
     kernel_id: Optional[int] = None
-    sequence_statistic: bool = False  # needs a statistic over each whole sequence before any gradient
 
 
 def _clip_rules(spec) -> list[str]:
@@ -92,24 +91,33 @@ LOSS_REGISTRY: dict[str, LossType] = {t.name: t for t in (
     LossType("sapo", "sapo", "sequence_mean", "soft sigmoid gate instead of the hard clip (SAPO)",
              params=SAPO_PARAMS, rules=_sapo_rules, kernel_id=2),
     LossType("vespo", "vespo", "items", "detached gamma weight of the sequence ratio times A logp (VESPO)",
-             params=VESPO_PARAMS, rules=_vespo_rules, sequence_statistic=True),
+             params=VESPO_PARAMS, rules=_vespo_rules),
 )}
 LOSS_TYPES = tuple(LOSS_REGISTRY)
 ALL_PARAMS = {**SAPO_PARAMS, **VESPO_PARAMS}
 
 
+def real_problem(name, value, low=None, high=None, low_open=False) -> Optional[str]:
+    """What is wrong with a real-valued setting (not a real number, NaN, or outside its range), or None."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return f"{name} must be a real number, got {value!r}"
+    value = float(value)
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and value > high
+    if value != value or too_low or too_high:
+        bracket = "(" if low_open else "["
+        return (f"{name} must lie in {bracket}{'-inf' if low is None else low}, "
+                f"{'inf' if high is None else high}], got {value}")
+    return None
+
+
 def _real(name, value, problems, low=None, high=None, low_open=False, allow_none=False):
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or value != value:
-        problems.append(f"{name} must be a real number, got {value!r}")
-        return value
-    value = float(value)
-    if (low is not None and (value <= low if low_open else value < low)) or (high is not None and value > high):
-        bracket = "(" if low_open else "["
-        problems.append(f"{name} must lie in {bracket}{'-inf' if low is None else low}, "
-                        f"{'inf' if high is None else high}], got {value}")
-    return value
+    problem = real_problem(name, value, low, high, low_open)
+    if problem:
+        problems.append(problem)
+    return float(value) if not problem else value
 
 
 class LossSpecError(ValueError):

@@ -14,11 +14,11 @@ aggregated over active tokens (m = 1) as the loss type says.
 """
 from __future__ import annotations
 
-import numbers
 from typing import NamedTuple
 
 import torch
 
+from .loss_types import real_problem
 from .losses import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, LossSpec, objective  # noqa: F401 (re-exported)
 
 
@@ -55,17 +55,10 @@ def _check_tensor(name: str, value) -> torch.Tensor:
 
 
 def _check_float(name: str, value, low=None, high=None, low_open=False) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a real number, got {value!r}")
-    value = float(value)
-    too_low = low is not None and (value <= low if low_open else value < low)
-    too_high = high is not None and value > high
-    if value != value or too_low or too_high:
-        low_text = "-inf" if low is None else f"{low}"
-        high_text = "inf" if high is None else f"{high}"
-        bracket = "(" if low_open else "["
-        raise ValueError(f"{name} must lie in {bracket}{low_text}, {high_text}], got {value}")
-    return value
+    problem = real_problem(name, value, low, high, low_open)
+    if problem:
+        raise ValueError(problem)
+    return float(value)
 
 
 def check_mask(completion_mask: torch.Tensor, shape: tuple, hint: str) -> None:
