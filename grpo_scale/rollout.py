@@ -284,13 +284,13 @@ def sample(model, ids: torch.Tensor, mask: torch.Tensor, *, cache, cache_kw: str
         if droppable is None:
             droppable = drop_finished and (cache is None or repeatable_cache(cache))
         scores = o.logits[:, -1]
-        warped = warp_logits(scores, temperature, top_k, top_p) if do_sample or with_logps else None
+        probs = warp_logits(scores, temperature, top_k, top_p).softmax(-1) if do_sample or with_logps else None
         if do_sample:
-            nxt = torch.multinomial(warped.softmax(-1), 1).squeeze(1)
+            nxt = torch.multinomial(probs, 1).squeeze(1)
         else:
             nxt = scores.argmax(-1)
-        if with_logps:
-            lp = warped.gather(1, nxt.unsqueeze(1)).squeeze(1) - warped.logsumexp(-1)
+        if with_logps:  # the drawn token's probability is > 0: its log is finite (no second pass over V)
+            lp = probs.gather(1, nxt.unsqueeze(1)).squeeze(1).log()
             out_lp[rows, steps - 1] = lp.masked_fill(done, 0.0)
         nxt = nxt.masked_fill(done, pad)
         out[rows, steps - 1] = nxt
