@@ -84,13 +84,13 @@ class Worker:
     """A side's process and its line protocol."""
 
     def __init__(self, side: str, model: str, device: str, steps: int, overrides: list[str], log_dir: Path,
-                 side_overrides: dict | None = None):
+                 side_overrides: dict | None = None, threads: int = 1):
         self.side = side
         self.log_path = log_dir / f"e2e-{side}.log"
         cmd = [sys.executable, "-m", "benchmarks.e2e_worker", "--side", "trl" if side == "trl" else "ours",
-               "--model", str(model), "--device", device, "--steps", str(steps), "--", *overrides,
-               *(side_overrides or SIDE_OVERRIDES)[side]]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"} if not device.startswith("cuda") else None
+               "--model", str(model), "--device", device, "--steps", str(steps), "--threads", str(threads), "--",
+               *overrides, *(side_overrides or SIDE_OVERRIDES)[side]]
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if not device.startswith("cuda") else None
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self.log_path.open("w"), text=True, env=env)
 
@@ -119,14 +119,14 @@ class Worker:
 
 
 def run_sides(sides: list[str], model: str, device: str, warmup: int, steps: int, overrides: list[str],
-              log: Callable[[str], None] = print, side_overrides: dict | None = None) -> dict:
+              log: Callable[[str], None] = print, side_overrides: dict | None = None, threads: int = 1) -> dict:
     """{side: {"steps": [measured step records], "done": final message}}, the sides stepped in turn.
     side_overrides: each side's config overrides (default SIDE_OVERRIDES), after ``overrides``."""
     log_dir = Path(tempfile.mkdtemp(prefix="grpo-e2e-"))
     workers = {}
     try:
         for side in sides:  # set up one at a time, so set-up does not overlap anything measured
-            workers[side] = Worker(side, model, device, warmup + steps, overrides, log_dir, side_overrides)
+            workers[side] = Worker(side, model, device, warmup + steps, overrides, log_dir, side_overrides, threads)
             workers[side].read("ready")
         records = {side: [] for side in sides}
         for i in range(warmup + steps):
@@ -163,12 +163,12 @@ def _rows_of_side(side: str, steps: list[dict], base: dict, memory_note: str) ->
 
 
 def memory_rows(device: str, quick: bool, model: str, name: str, memory_note: str, overrides: list[str],
-                log: Callable[[str], None] = print) -> list[Row]:
+                log: Callable[[str], None] = print, threads: int = 1) -> list[Row]:
     """Peak memory of one step with beta > 0, full fine-tuning vs LoRA (after a warm-up step, so AdamW's
     state exists), the step times, and the ratio LoRA : full."""
     warmup, steps = (1, 1) if quick else (1, 4)
     log("  memory: beta 0.04, full fine-tuning vs LoRA")
-    results = run_sides(list(MEMORY_SIDES), model, device, warmup, steps, overrides, log)
+    results = run_sides(list(MEMORY_SIDES), model, device, warmup, steps, overrides, log, threads=threads)
     base = _base(name, results["ours-full-beta"]["done"]["settings"])
     rows, peaks = [], {}
     for side, r in results.items():
@@ -187,17 +187,37 @@ def memory_rows(device: str, quick: bool, model: str, name: str, memory_note: st
     return rows
 
 
+def config_model(config: str) -> str:
+    """The model_name_or_path of a config file (an `embedded:` name or a folder)."""
+    from grpo_scale.config import load_config
+
+    return load_config(["--config", str(config)]).model_name_or_path
+
+
+def model_label(model: str | None) -> str:
+    """The model's name in rows and file names: the folder's name, or the embedded name without `embedded:`."""
+    if model is None:
+        return EMBEDDED.name
+    return model.split(":", 1)[1] if model.startswith("embedded:") else Path(model).name
+
+
 def run_suite(device: str, quick: bool, model: str | None = None, with_trl: bool = True,
               overrides: list[str] | None = None, log: Callable[[str], None] = print,
-              with_memory: bool = True, with_speed: bool = True) -> list[Row]:
-    """Measures our trainer, and TRL's with the same settings when installed (and `with_trl`)."""
+              with_memory: bool = True, with_speed: bool = True, config: str | None = None,
+              threads: int = 1) -> list[Row]:
+    """Measures our trainer, and TRL's with the same settings when installed (and `with_trl`).
+    config: a config file both sides read (default configs/tiny-math.yaml); its model unless `model`.
+    threads: torch threads of each side on the CPU (the sides are stepped in turn, never at once)."""
     cuda = device.startswith("cuda")
     warmup, steps = (1, 3) if quick else (2, 20 if not cuda else 8)
     # top-k 50 on every side whatever the config file says: the demo's sampling, the same on both.
     overrides = ["--top_k", "50", *(overrides or [])]
+    if config is not None:
+        overrides = ["--config", str(config), *overrides]
+        model = model or config_model(config)
     if cuda:
         overrides = ["--loss_impl", "auto", "--max_completion_length", "256", *overrides]
-    name = Path(model).name if model else EMBEDDED.name
+    name = model_label(model)
     if model is None:
         if not EMBEDDED.is_dir():
             raise FileNotFoundError(f"the embedded model is missing at {EMBEDDED}: build it with "
@@ -213,9 +233,9 @@ def run_suite(device: str, quick: bool, model: str | None = None, with_trl: bool
     rows, skipped = [], []
     if with_speed:
         rows, skipped = speed_rows(device, quick, model, name, cuda, with_trl, warmup, steps, overrides,
-                                   memory_note, log)
+                                   memory_note, log, threads)
     if with_memory:
-        rows += memory_rows(device, quick, model, name, memory_note, overrides, log)
+        rows += memory_rows(device, quick, model, name, memory_note, overrides, log, threads)
     return rows + skipped
 
 
@@ -226,7 +246,7 @@ def _base(name: str, settings: dict) -> dict:
                 level=settings["importance_sampling_level"])
 
 
-def speed_rows(device, quick, model, name, cuda, with_trl, warmup, steps, overrides, memory_note, log):
+def speed_rows(device, quick, model, name, cuda, with_trl, warmup, steps, overrides, memory_note, log, threads=1):
     """Our trainer (prompt shared and not) and TRL's, stepped in turn: (rows, skipped rows)."""
     sides = ["ours", "ours-unshared"]
     skipped = []
@@ -235,7 +255,7 @@ def speed_rows(device, quick, model, name, cuda, with_trl, warmup, steps, overri
     elif with_trl:
         skipped.append(Row(benchmark="e2e", provider="trl", shape=name, metric="steps_per_s", unit="1/s",
                            status="skipped: trl (and datasets) not installed"))
-    results = run_sides(sides, model, device, warmup, steps, overrides, log)
+    results = run_sides(sides, model, device, warmup, steps, overrides, log, threads=threads)
     base = _base(name, results["ours"]["done"]["settings"])
     threads = {side: r["done"]["torch_threads"] for side, r in results.items()}
     rows = []

@@ -122,12 +122,13 @@ class Gate:
             raise SystemExit("the driving process stopped")
 
 
-def load_settings(model: str, device: str, overrides: list[str]):
-    """Our GRPOConfig for the workload: the embedded default config, the model, one CPU thread."""
+def load_settings(model: str, device: str, overrides: list[str], threads: int = 1):
+    """Our GRPOConfig for the workload: the embedded default config (or --config FILE among the
+    overrides), the model, `threads` CPU threads."""
     from grpo_scale.config import load_config
 
     out = tempfile.mkdtemp(prefix="grpo-bench-")
-    base = ["--model_name_or_path", model, "--output_dir", out, "--report_to", "none", "--cpu_threads", "1"]
+    base = ["--model_name_or_path", model, "--output_dir", out, "--report_to", "none", "--cpu_threads", str(threads)]
     if device.startswith("cuda"):
         base += ["--bf16", "true"]
     return load_config(base + overrides)
@@ -144,13 +145,18 @@ def attn_implementation(device: str) -> str:
     return "sdpa"
 
 
-def training_rows(cfg, tokenizer, n_prompts: int) -> list[dict]:
-    """The first n_prompts problems our trainer would take, rendered as it renders them."""
-    from grpo_scale.tasks import ProblemStream, make_eval_set, render_prompt
+def training_rows(cfg, n_prompts: int) -> list[dict]:
+    """The first n_prompts problems our trainer would take, as the conversations it renders: the system
+    prompt, the question, and the reply opened with ``assistant_prefix`` when the config has one (TRL
+    continues a final assistant message, and the reward functions read it from the prompt, on both sides)."""
+    from grpo_scale.tasks import ProblemStream, make_eval_set
+    from grpo_scale.tasks.prompts import open_reply
 
     held_out = {r["prompt"] for r in make_eval_set(cfg.task_mix, cfg.task_level, cfg.eval_size, cfg.eval_seed)}
     rows = ProblemStream(cfg.task_mix, cfg.task_level, cfg.seed, exclude=held_out).take(n_prompts)
-    return [{**r, "prompt": render_prompt(tokenizer, r["prompt"], cfg.system_prompt)} for r in rows]
+    system = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
+    return [{**r, "prompt": open_reply([*system, {"role": "user", "content": r["prompt"]}], cfg.assistant_prefix)}
+            for r in rows]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -222,7 +228,7 @@ def run_trl(cfg, device: str, total: int, gate: Gate) -> None:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     prompts_per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps // cfg.num_generations
-    dataset = Dataset.from_list(training_rows(cfg, tokenizer, prompts_per_step * total))
+    dataset = Dataset.from_list(training_rows(cfg, prompts_per_step * total))
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True,
                                                  attn_implementation=attn_implementation(device))
     clock: dict = defaultdict(float)
@@ -293,12 +299,13 @@ def main(argv=None) -> int:
     parser.add_argument("--model", required=True, help="model directory (both sides load it)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=int, default=4, help="steps to run (warm-up included)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads on the CPU (the same for every side)")
     parser.add_argument("overrides", nargs="*", help="our config fields after --, e.g. -- --loss_impl triton")
     args = parser.parse_args(argv)
     gate = Gate()
     if not args.device.startswith("cuda"):
-        torch.set_num_threads(1)  # the same for both sides: one thread on a small shared CPU
-    cfg = load_settings(args.model, args.device, args.overrides)
+        torch.set_num_threads(args.threads)  # the same for every side
+    cfg = load_settings(args.model, args.device, args.overrides, args.threads)
     (run_ours if args.side == "ours" else run_trl)(cfg, args.device, args.steps, gate)
     settings = {k: v for k, v in cfg.to_dict().items() if k != "output_dir"}
     gate.send("done", settings=settings, torch_threads=torch.get_num_threads())

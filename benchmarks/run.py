@@ -41,6 +41,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model_name_or_path", default=None,
                         help="e2e model directory (default: the embedded model on CPU, a random model with "
                              "Qwen2.5-0.5B's shapes on a GPU)")
+    parser.add_argument("--config", default=None,
+                        help="e2e: the config file both sides read (default configs/tiny-math.yaml), and its model "
+                             "unless --model_name_or_path")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="e2e on the CPU: torch threads of each side (the sides are stepped in turn, never at once)")
     parser.add_argument("--no-trl", dest="trl", action="store_false", help="skip TRL's side of the e2e suite")
     parser.add_argument("--memory-only", action="store_true",
                         help="e2e: only the memory comparison (a step with beta > 0, full fine-tuning vs LoRA)")
@@ -125,11 +130,15 @@ def main(argv=None) -> int:
     if args.suite in ("e2e", "all") and not args.traffic_only:
         print(f"e2e suite on {device} ({preset})")
         rows = e2e_suite.run_suite(device, args.quick, model=args.model_name_or_path, with_trl=args.trl,
-                                   overrides=args.overrides, with_speed=not args.memory_only)
-        name = f"{prefix}-e2e.csv"
+                                   overrides=args.overrides, with_speed=not args.memory_only, config=args.config,
+                                   threads=args.threads)
+        model = args.model_name_or_path or (e2e_suite.config_model(args.config) if args.config else None)
+        model_name = e2e_suite.model_label(model)
+        name = f"{prefix}-e2e.csv"  # the embedded model's (or on a GPU the random Qwen shapes')
         if args.memory_only:
-            model_name = Path(args.model_name_or_path).name if args.model_name_or_path else e2e_suite.EMBEDDED.name
             name = f"{prefix}-e2e-memory-{model_name}.csv"
+        elif model is not None:
+            name = f"{prefix}-e2e-{model_name}.csv"
         written.append(write_csv(out / name, rows, environment(device, preset)))
     for path in written:
         print(f"wrote {path}")

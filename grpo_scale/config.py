@@ -107,6 +107,12 @@ class _Fields:
                             "per completion, up to rounding (with dropout on, a group's prompt shares one mask). "
                             "Not applied under gradient_checkpointing; turned off, with a warning, for models whose "
                             "cache has more than keys and values (linear-attention, SSM, quantized caches).")
+    padding_free: bool = _f(True, "Policy, old and reference forwards without padding: each micro-batch's prompts "
+                            "and completions are packed into rows, positions restarting per sequence and attention "
+                            "kept within it by a 4D mask (with share_prompt, a group's prompt once per row; works "
+                            "under gradient_checkpointing too). Same values as the padded forward up to rounding; "
+                            "checked against it once at start, and turned off with a warning for a model where "
+                            "they differ or that takes no 4D mask (flash-attention).")
 
     # ------------------------------------------------------------------ rewards and advantages
     reward_funcs: list = _f(["correctness", "format"], "Reward functions: built-ins (correctness, format, "

@@ -106,10 +106,16 @@ def _digest(path: str, size: int, mtime_ns: int) -> str:
     return h.hexdigest()
 
 
+# Bumped when the converted folder's contents change, so that older conversions are redone: 2 writes
+# `architectures` into config.json (other libraries, TRL among them, build models from it).
+CONVERSION_FORMAT = 2
+
+
 def cached_folder(gguf: Path) -> Path:
-    """The converted folder of ``gguf`` (which may not exist yet): keyed by the file's content hash."""
+    """The converted folder of ``gguf`` (which may not exist yet): keyed by the file's content hash and
+    ``CONVERSION_FORMAT``."""
     stem = gguf.name[: -len(".gguf")] if gguf.name.lower().endswith(".gguf") else gguf.name
-    return cache_root() / "models" / f"{stem}-{file_digest(gguf)[:16]}"
+    return cache_root() / "models" / f"{stem}-{file_digest(gguf)[:16]}-f{CONVERSION_FORMAT}"
 
 
 @contextlib.contextmanager
@@ -168,6 +174,7 @@ def convert_gguf(gguf: Path, out: Path) -> None:
         raise ModelSourceError(f"{gguf}: dequantised weights do not match the architecture (missing "
                                f"{sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]})")
     model.tie_weights()
+    config.architectures = [type(model).__name__]  # the GGUF config has none
     # Written by hand, not with save_pretrained: under torch.distributed, transformers writes weights from
     # rank 0 only, and any rank may be the one that converts.
     from safetensors.torch import save_model

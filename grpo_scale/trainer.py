@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from grpo_scale import checkpoint as ckpt
-from grpo_scale import dynamic, lora, portable, preemption, reward_timeout
+from grpo_scale import dynamic, lora, packing, portable, preemption, reward_timeout
 from grpo_scale.reward_timeout import RewardTimeout
 from grpo_scale.config import ConfigError, GRPOConfig, adapter_base, is_adapter_dir
 from grpo_scale.rewards import call_reward, check_reward_columns, compute_rewards, get_reward_funcs
@@ -314,6 +314,7 @@ class GRPOTrainer:
                 logger.warning(warning)
         self.entropy_control = {"coef": self.cfg.entropy_coef, "last_entropy": None}  # None: not measured yet
         self.step_spec = self.loss_spec
+        self.padding_free = self.cfg.padding_free and self._packing_fits()
         if self.loss_impl == "fused_linear":
             import types
             head = self.acc.unwrap_model(self.model).get_output_embeddings()
@@ -790,8 +791,27 @@ class GRPOTrainer:
             logger.warning("share_prompt: the KV cache of this model (%s) cannot be repeated for each completion "
                            "of a group; running one full forward per completion instead", why.kinds)
 
+    def _packed(self, model, rb: Rollout) -> Optional[packing.Packed]:
+        """rb packed for a padding-free forward (``padding_free``), or None for the padded one."""
+        if not self.padding_free:
+            return None
+        inner = self.acc.unwrap_model(model)
+        packed = packing.pack(rb.prompt_ids, rb.prompt_mask, rb.completion_ids, rb.attention_mask,
+                              rb.prompt_runs().tolist() if self.share_prompt else None,
+                              capacity=getattr(inner.config, "hidden_size", 0) or 0,
+                              dtype=inner.get_input_embeddings().weight.dtype)
+        if model is self.model and self.zero_stage == 3:
+            # The packed forward calls the decoder and the lm_head, the padded one the engine: under ZeRO-3
+            # every rank must take the same path (their parameter gathers pair up).
+            if not self._on_all_ranks(packed is not None):
+                return None
+        return packed
+
     def _logits(self, model, rb: Rollout) -> torch.Tensor:
         """Policy logits [N, T, V] for the completion positions only (no full-sequence logits)."""
+        if self.padding_free:  # the decoder, then the head at the completion positions only
+            hidden, head = self._hidden(model, rb)
+            return head(hidden)
         inputs, keep = self._inputs(model, rb, model)
         return model(**inputs, logits_to_keep=keep).logits[:, :rb.completion_ids.shape[1]]
 
@@ -799,9 +819,57 @@ class GRPOTrainer:
         """Last hidden states [N, T, H] of the completion positions, and the lm_head module."""
         inner = self.acc.unwrap_model(model)
         decoder = inner.get_decoder()
+        packed = self._packed(model, rb)
+        if packed is not None:
+            return packed.gather(decoder(**packed.inputs()).last_hidden_state), inner.get_output_embeddings()
         inputs, keep = self._inputs(model, rb, decoder)
         hidden = decoder(**inputs).last_hidden_state[:, -keep:]
         return hidden[:, :rb.completion_ids.shape[1]], inner.get_output_embeddings()
+
+    def _packing_fits(self) -> bool:
+        """Whether the padding-free forward gives this model's padded-forward logits (up to rounding), on
+        a small made-up micro-batch: two prompts of different lengths, groups of two, completions of
+        different lengths (one empty but its end). A model that ignores or refuses a 4D attention mask
+        (flash-attention), or whose head does more than the output embedding (logit soft-capping), fails
+        it, and padding_free is turned off with a warning. Uses no global random state."""
+        gen = torch.Generator().manual_seed(0)
+        inner = self.acc.unwrap_model(self.model)
+        vocab = min(inner.get_input_embeddings().weight.shape[0], 1000)
+        ids = lambda n: torch.randint(1, vocab, (n,), generator=gen)
+        pad = pad_id(self.tokenizer, inner)
+        prompts = [ids(5), ids(5), ids(3), ids(3)]
+        lengths = [4, 1, 6, 3]
+        rb = Rollout(pad_cat([p.unsqueeze(0) for p in prompts], pad, left=True),
+                     pad_cat([torch.ones(1, len(p), dtype=torch.long) for p in prompts], 0, left=True),
+                     pad_cat([ids(n).unsqueeze(0) for n in lengths], pad, left=False),
+                     *[pad_cat([torch.ones(1, n, dtype=torch.long) for n in lengths], 0, left=False)] * 2,
+                     torch.zeros(4, dtype=torch.bool), [""] * 4, [""] * 4)
+        device = self.acc.device
+        rb = Rollout(*[t.to(device) if torch.is_tensor(t) else t for t in
+                       (rb.prompt_ids, rb.prompt_mask, rb.completion_ids, rb.completion_mask, rb.attention_mask,
+                        rb.is_truncated, rb.prompts, rb.completions)])
+        was_training = inner.training
+        inner.eval()
+        try:
+            with torch.no_grad(), self.gathered(self.model) as plain:
+                padded = plain(**full_inputs(rb)).logits[:, -rb.completion_ids.shape[1] - 1:-1].float()
+                packed = packing.pack(rb.prompt_ids, rb.prompt_mask, rb.completion_ids, rb.attention_mask,
+                                      rb.prompt_runs().tolist() if self.share_prompt else None,
+                                      capacity=0, dtype=plain.get_input_embeddings().weight.dtype)
+                hidden = packed.gather(plain.get_decoder()(**packed.inputs()).last_hidden_state)
+                logits = plain.get_output_embeddings()(hidden).float()
+            active = rb.attention_mask.bool()
+            err = float((logits - padded)[active].abs().max())
+            scale = 1.0 + float(padded[active].abs().max())
+            tol = 1e-4 if inner.get_input_embeddings().weight.dtype == torch.float32 else 3e-2
+            problem = None if err <= tol * scale else f"its logits differ from the padded forward's by {err:.3g}"
+        except Exception as e:  # noqa: BLE001 - any refusal means: do not pack this model
+            problem = f"the packed forward raised {type(e).__name__}: {str(e)[:200]}"
+        finally:
+            inner.train(was_training)
+        if problem is not None and self.acc.is_main_process:
+            logger.warning("padding_free: turned off for this model (%s); forwards run padded", problem)
+        return problem is None
 
     @torch.no_grad()
     def _logps(self, model, rollout: Rollout) -> torch.Tensor:

@@ -73,6 +73,7 @@ def test_the_first_run_converts_once_into_the_cache(first_run, monkeypatch):
     assert (folder / "model.safetensors").is_file() and "sha256" in (folder / "SOURCE").read_text()
     config = json.loads((folder / "config.json").read_text())
     assert "quantization_config" not in config and config["vocab_size"] == 49152 and config["tie_word_embeddings"]
+    assert config["architectures"] == ["LlamaForCausalLM"]  # TRL (and others) build models from it
     model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True)
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # tied as in the file
 

@@ -1,0 +1,133 @@
+"""Padding-free log-prob forwards: a micro-batch's sequences packed into rows without padding.
+
+A micro-batch of N completions is right-padded to its longest completion, and its prompts are
+left-padded to the longest prompt: on a real model about half of what a padded forward computes can be
+padding (completions of 20 tokens beside one of 48). Packing runs only real tokens. Each packed row
+holds one or more *units*: a prompt once, then completions of it, each completion's positions
+restarting where the prompt ends. A 4D attention mask keeps attention within each sequence: a prompt
+token sees the earlier tokens of its prompt; a completion token sees its prompt and the earlier tokens
+of its own completion. With ``share`` a unit holds a group's prompt once and several of its completions
+(the shared prompt, without a KV cache); without it, one prompt copy per completion.
+
+The mask is dense, [rows, 1, L, L]: attention costs grow with the row length L, so units are packed
+first-fit into rows of at most ``max(longest unit, capacity)`` tokens, and a group too long for one
+unit is split into several, each with its own copy of the prompt. On a transformer with hidden size H
+the dense attention of a row of L tokens costs about L / (6 H) of its linear layers per token, so
+``capacity`` = H keeps it near a sixth.
+
+Outputs are those of the padded forward up to rounding: ``index`` [N, T] picks, for each completion
+position t, the packed position whose output predicts completion token t (the prompt's last token for
+t = 0); positions past a completion's end point at its prompt's last token and are masked by the loss.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class Packed:
+    input_ids: torch.Tensor       # [R, L] long; rows right-padded with token 0
+    position_ids: torch.Tensor    # [R, L] long; restart at each prompt, continue from it in each completion
+    attention_mask: torch.Tensor  # [R, 1, L, L] additive: 0 where a query may attend, the dtype's minimum elsewhere
+    index: torch.Tensor           # [N, T] long, into the flattened [R * L] positions
+    real_tokens: int              # tokens that are not padding (prompt copies included)
+
+    def inputs(self) -> dict:
+        return {"input_ids": self.input_ids, "position_ids": self.position_ids, "attention_mask": self.attention_mask}
+
+    def gather(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[N, T, H] of the decoder's output [R, L, H]: the outputs that predict the completion tokens."""
+        return hidden.reshape(-1, hidden.shape[-1])[self.index]
+
+
+def units_of(prompt_lengths: list[int], lengths: list[int], runs: list[int], capacity: int) -> list[tuple[int, list[int]]]:
+    """(prompt row, completion rows) of each unit: a run of rows with the same prompt is split so that a
+    unit holds at most max(capacity, its prompt + its longest completion) tokens (each completion brings
+    all its tokens but the last as inputs)."""
+    units, start = [], 0
+    for count in runs:
+        rows = list(range(start, start + count))
+        start += count
+        P = prompt_lengths[rows[0]]
+        cap = max(capacity, P + max(max(lengths[r] - 1, 0) for r in rows))
+        current, size = [], P
+        for r in rows:
+            need = max(lengths[r] - 1, 0)
+            if current and size + need > cap:
+                units.append((rows[0], current))
+                current, size = [], P
+            current.append(r)
+            size += need
+        units.append((rows[0], current))
+    return units
+
+
+def first_fit(sizes: list[int], capacity: int) -> list[list[int]]:
+    """Bins (lists of item indices) of total size <= max(capacity, largest item), largest items first."""
+    capacity = max([capacity, *sizes])
+    bins, room = [], []
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        for b in range(len(bins)):
+            if sizes[i] <= room[b]:
+                bins[b].append(i)
+                room[b] -= sizes[i]
+                break
+        else:
+            bins.append([i])
+            room.append(capacity - sizes[i])
+    return bins
+
+
+def pack(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
+         attention_mask: torch.Tensor, runs: Optional[list[int]], capacity: int, dtype: torch.dtype) -> Optional[Packed]:
+    """The packed forward's inputs for N left-padded prompts [N, P] and right-padded completions [N, T]
+    (``attention_mask``: 1 for each completion's real tokens, a prefix of its row). ``runs``: lengths of
+    the runs of consecutive rows that share a prompt (one unit per run, split when long), or None for one
+    prompt copy per completion. None when some prompt is empty (nothing would predict its first token)."""
+    N, T = completion_ids.shape
+    device = completion_ids.device
+    prompt_lengths = prompt_mask.sum(1).tolist()
+    lengths = attention_mask.sum(1).tolist()
+    if N == 0 or min(prompt_lengths) < 1:
+        return None
+    units = units_of(prompt_lengths, lengths, runs if runs is not None else [1] * N, capacity)
+    sizes = [prompt_lengths[p] + sum(max(lengths[r] - 1, 0) for r in rows) for p, rows in units]
+    bins = first_fit(sizes, capacity)
+    L = max(sum(sizes[u] for u in b) for b in bins)
+    R = len(bins)
+    ids = torch.zeros(R, L, dtype=torch.long)
+    pos = torch.zeros(R, L, dtype=torch.long)
+    # Per token: which sequence it belongs to (a unit's prompt is sequence 0 of the unit, its completions
+    # 1, 2, ...) as (unit id, segment id); a padding token is a unit of its own.
+    unit_id = torch.arange(R * L, dtype=torch.long).view(R, L) + len(units)  # padding: unique ids
+    segment = torch.zeros(R, L, dtype=torch.long)
+    index = torch.zeros(N, T, dtype=torch.long)
+    p_ids, c_ids = prompt_ids.cpu(), completion_ids.cpu()
+    for b, members in enumerate(bins):
+        at = 0
+        for u in members:
+            prow, rows = units[u]
+            P = prompt_lengths[prow]
+            ids[b, at:at + P] = p_ids[prow, p_ids.shape[1] - P:]
+            pos[b, at:at + P] = torch.arange(P)
+            unit_id[b, at:at + P] = u
+            last_prompt = b * L + at + P - 1
+            at += P
+            for k, r in enumerate(rows, start=1):
+                n = max(lengths[r] - 1, 0)
+                ids[b, at:at + n] = c_ids[r, :n]
+                pos[b, at:at + n] = torch.arange(P, P + n)
+                unit_id[b, at:at + n] = u
+                segment[b, at:at + n] = k
+                index[r] = last_prompt
+                index[r, 1:n + 1] = torch.arange(b * L + at, b * L + at + n)
+                at += n
+    same_unit = unit_id.unsqueeze(2) == unit_id.unsqueeze(1)               # [R, Lq, Lk]
+    k_seg, q_seg = segment.unsqueeze(1), segment.unsqueeze(2)
+    visible = same_unit & ((k_seg == 0) | (k_seg == q_seg)) & torch.ones(L, L, dtype=torch.bool).tril()
+    mask = torch.zeros(R, 1, L, L, dtype=dtype)
+    mask.masked_fill_(~visible.unsqueeze(1), torch.finfo(dtype).min)
+    return Packed(ids.to(device), pos.to(device), mask.to(device), index.to(device), sum(sizes))
