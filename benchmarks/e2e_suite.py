@@ -204,10 +204,12 @@ def model_label(model: str | None) -> str:
 def run_suite(device: str, quick: bool, model: str | None = None, with_trl: bool = True,
               overrides: list[str] | None = None, log: Callable[[str], None] = print,
               with_memory: bool = True, with_speed: bool = True, config: str | None = None,
-              threads: int = 1) -> list[Row]:
+              threads: int = 1, sides: list[str] | None = None, records_out: str | Path | None = None) -> list[Row]:
     """Measures our trainer, and TRL's with the same settings when installed (and `with_trl`).
     config: a config file both sides read (default configs/tiny-math.yaml); its model unless `model`.
-    threads: torch threads of each side on the CPU (the sides are stepped in turn, never at once)."""
+    threads: torch threads of each side on the CPU (the sides are stepped in turn, never at once).
+    sides: the speed sides to run (default: ours, ours-unshared, and trl when installed).
+    records_out: a JSON file for the speed sides' raw step records and settings (benchmarks/floors.py)."""
     cuda = device.startswith("cuda")
     warmup, steps = (1, 3) if quick else (2, 20 if not cuda else 8)
     # top-k 50 on every side whatever the config file says: the demo's sampling, the same on both.
@@ -233,7 +235,7 @@ def run_suite(device: str, quick: bool, model: str | None = None, with_trl: bool
     rows, skipped = [], []
     if with_speed:
         rows, skipped = speed_rows(device, quick, model, name, cuda, with_trl, warmup, steps, overrides,
-                                   memory_note, log, threads)
+                                   memory_note, log, threads, sides, records_out)
     if with_memory:
         rows += memory_rows(device, quick, model, name, memory_note, overrides, log, threads)
     return rows + skipped
@@ -246,9 +248,11 @@ def _base(name: str, settings: dict) -> dict:
                 level=settings["importance_sampling_level"])
 
 
-def speed_rows(device, quick, model, name, cuda, with_trl, warmup, steps, overrides, memory_note, log, threads=1):
+def speed_rows(device, quick, model, name, cuda, with_trl, warmup, steps, overrides, memory_note, log, threads=1,
+               sides=None, records_out=None):
     """Our trainer (prompt shared and not) and TRL's, stepped in turn: (rows, skipped rows)."""
-    sides = ["ours", "ours-unshared"]
+    with_trl = with_trl and (sides is None or "trl" in sides)
+    sides = [s for s in (sides or ["ours", "ours-unshared"]) if s != "trl"]
     skipped = []
     if with_trl and trl_available():
         sides.append("trl")
@@ -256,6 +260,9 @@ def speed_rows(device, quick, model, name, cuda, with_trl, warmup, steps, overri
         skipped.append(Row(benchmark="e2e", provider="trl", shape=name, metric="steps_per_s", unit="1/s",
                            status="skipped: trl (and datasets) not installed"))
     results = run_sides(sides, model, device, warmup, steps, overrides, log, threads=threads)
+    if records_out is not None:
+        Path(records_out).write_text(json.dumps({"model": model, "name": name, "device": device, "threads": threads,
+                                                 "sides": results}, indent=1))
     base = _base(name, results["ours"]["done"]["settings"])
     threads = {side: r["done"]["torch_threads"] for side, r in results.items()}
     rows = []

@@ -182,12 +182,15 @@ def run_ours(cfg, device: str, total: int, gate: Gate) -> None:
         memory.sync()
         step_s = time.perf_counter() - t0
         m = batch["metrics"]
+        ro = batch["rollout"]  # the step's shape, for the floors (benchmarks/floors.py)
+        shape = {"completion_lengths": ro.attention_mask.sum(1).tolist(),
+                 "prompt_lengths": ro.prompt_mask.sum(1).tolist(), "prompt_runs": ro.prompt_runs().tolist()}
         phases = {"generation": m["time/generate_s"], "reward": m["time/reward_s"], "logps": m["time/logps_s"],
                   "policy": metrics["time/train_s"] - clock["optimizer"] - clock["clip"],
                   "optimizer": clock["optimizer"]}
         phases["other"] = step_s - sum(phases.values())
         gate.send("step", step_s=step_s, phases=phases, tokens=m["tokens"], reward=m["reward/mean"],
-                  completion_length=m["completion/mean_length"], peak_memory=memory.read())
+                  completion_length=m["completion/mean_length"], peak_memory=memory.read(), shape=shape)
     gate.wait()  # the driver's word to tear down
 
 

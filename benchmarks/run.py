@@ -46,6 +46,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "unless --model_name_or_path")
     parser.add_argument("--threads", type=int, default=1,
                         help="e2e on the CPU: torch threads of each side (the sides are stepped in turn, never at once)")
+    parser.add_argument("--sides", default=None, help="e2e: comma-separated speed sides (default "
+                        "ours,ours-unshared,trl; trl only when installed)")
+    parser.add_argument("--no-memory", dest="memory", action="store_false",
+                        help="e2e: skip the memory comparison (full fine-tuning vs LoRA)")
     parser.add_argument("--no-trl", dest="trl", action="store_false", help="skip TRL's side of the e2e suite")
     parser.add_argument("--memory-only", action="store_true",
                         help="e2e: only the memory comparison (a step with beta > 0, full fine-tuning vs LoRA)")
@@ -129,17 +133,25 @@ def main(argv=None) -> int:
                 written.append(out / f"{prefix}-traffic.csv")
     if args.suite in ("e2e", "all") and not args.traffic_only:
         print(f"e2e suite on {device} ({preset})")
-        rows = e2e_suite.run_suite(device, args.quick, model=args.model_name_or_path, with_trl=args.trl,
-                                   overrides=args.overrides, with_speed=not args.memory_only, config=args.config,
-                                   threads=args.threads)
         model = args.model_name_or_path or (e2e_suite.config_model(args.config) if args.config else None)
         model_name = e2e_suite.model_label(model)
-        name = f"{prefix}-e2e.csv"  # the embedded model's (or on a GPU the random Qwen shapes')
+        name = f"{prefix}-e2e"  # the embedded model's (or on a GPU the random Qwen shapes')
         if args.memory_only:
-            name = f"{prefix}-e2e-memory-{model_name}.csv"
+            name = f"{prefix}-e2e-memory-{model_name}"
         elif model is not None:
-            name = f"{prefix}-e2e-{model_name}.csv"
+            name = f"{prefix}-e2e-{model_name}"
+        records = None if args.memory_only else out / f"{name}-steps.json"
+        out.mkdir(parents=True, exist_ok=True)
+        rows = e2e_suite.run_suite(device, args.quick, model=args.model_name_or_path, with_trl=args.trl,
+                                   overrides=args.overrides, with_speed=not args.memory_only, config=args.config,
+                                   threads=args.threads, with_memory=args.memory or args.memory_only,
+                                   sides=args.sides.split(",") if args.sides else None, records_out=records)
+        name += ".csv"
         written.append(write_csv(out / name, rows, environment(device, preset)))
+        if records is not None:  # the floors of each phase and the bounds they set (Amdahl), appended
+            from benchmarks import floors
+            write_csv(out / name, rows + floors.floor_rows(records, args.threads), environment(device, preset))
+            print(f"wrote {records}")
     for path in written:
         print(f"wrote {path}")
     failed = _failures(written)

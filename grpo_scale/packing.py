@@ -9,11 +9,13 @@ token sees the earlier tokens of its prompt; a completion token sees its prompt 
 of its own completion. With ``share`` a unit holds a group's prompt once and several of its completions
 (the shared prompt, without a KV cache); without it, one prompt copy per completion.
 
-The mask is dense, [rows, 1, L, L]: attention costs grow with the row length L, so units are packed
-first-fit into rows of at most ``max(longest unit, capacity)`` tokens, and a group too long for one
-unit is split into several, each with its own copy of the prompt. On a transformer with hidden size H
-the dense attention of a row of L tokens costs about L / (6 H) of its linear layers per token, so
-``capacity`` = H keeps it near a sixth.
+The mask is dense, [rows, 1, L, L]: every query of a row is scored against all L keys of the row, so a
+row's attention grows with L^2 while its linear layers grow with L. ``layout`` picks the rows with a
+cost model: a unit of S tokens costs S * (1 + key_cost * S) (``key_cost``: a token's attention work per
+key relative to its linear layers' work, from the model's shapes: ``key_cost``); a group may be split
+into several units, each with its own copy of the prompt, and units are spread over R rows as evenly as
+they go (largest first into the emptiest row), each row padded to the longest, with the R of lowest
+total cost.
 
 Outputs are those of the padded forward up to rounding: ``index`` [N, T] picks, for each completion
 position t, the packed position whose output predicts completion token t (the prompt's last token for
@@ -43,59 +45,87 @@ class Packed:
         return hidden.reshape(-1, hidden.shape[-1])[self.index]
 
 
-def units_of(prompt_lengths: list[int], lengths: list[int], runs: list[int], capacity: int) -> list[tuple[int, list[int]]]:
-    """(prompt row, completion rows) of each unit: a run of rows with the same prompt is split so that a
-    unit holds at most max(capacity, its prompt + its longest completion) tokens (each completion brings
-    all its tokens but the last as inputs)."""
+# Attention kernels on a CPU run at about half the rate of the matrix products of the linear layers
+# (SmolLM2-135M, sdpa, 2 threads: 49 vs 100 GFLOP/s), so their work counts twice.
+ATTENTION_PENALTY = 2.0
+
+
+def key_cost(config) -> float:
+    """A token's attention work per key it is scored against, relative to the work of its linear layers
+    (projections and MLP), from a transformers config; 1 / (3 * hidden_size) when the shapes are not there."""
+    H = getattr(config, "hidden_size", None)
+    heads = getattr(config, "num_attention_heads", None)
+    inter = getattr(config, "intermediate_size", None)
+    if not (isinstance(H, int) and isinstance(heads, int) and isinstance(inter, int)):
+        return 1.0 / (3 * H) if isinstance(H, int) and H > 0 else 1e-3
+    hd = getattr(config, "head_dim", None) or H // heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    linear = 2 * (2 * H * heads * hd + 2 * H * kv * hd + 3 * H * inter)
+    return ATTENTION_PENALTY * 4 * heads * hd / linear
+
+
+def _cost(size: int, cost_per_key: float) -> float:
+    return size * (1.0 + cost_per_key * size)
+
+
+def spread(sizes: list[int], bins: int) -> list[list[int]]:
+    """Item indices spread over ``bins`` bins, largest first into the emptiest (empty bins dropped)."""
+    out, load = [[] for _ in range(bins)], [0] * bins
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        b = load.index(min(load))
+        out[b].append(i)
+        load[b] += sizes[i]
+    return [b for b in out if b]
+
+
+def units_of(prompt_lengths: list[int], lengths: list[int], runs: list[int], cost_per_key: float) -> list[tuple[int, list[int]]]:
+    """(prompt row, completion rows) of each unit: each run of rows with the same prompt is split into the
+    number of units (each with the prompt) of lowest cost. A completion brings its tokens but the last."""
     units, start = [], 0
     for count in runs:
         rows = list(range(start, start + count))
         start += count
         P = prompt_lengths[rows[0]]
-        cap = max(capacity, P + max(max(lengths[r] - 1, 0) for r in rows))
-        current, size = [], P
-        for r in rows:
-            need = max(lengths[r] - 1, 0)
-            if current and size + need > cap:
-                units.append((rows[0], current))
-                current, size = [], P
-            current.append(r)
-            size += need
-        units.append((rows[0], current))
+        need = [max(lengths[r] - 1, 0) for r in rows]
+        best = None
+        for m in range(1, count + 1):
+            parts = spread(need, m)
+            cost = sum(_cost(P + sum(need[i] for i in part), cost_per_key) for part in parts)
+            if best is None or cost < best[0] - 1e-9:
+                best = (cost, parts)
+        units += [(rows[0], [rows[i] for i in sorted(part)]) for part in best[1]]
     return units
 
 
-def first_fit(sizes: list[int], capacity: int) -> list[list[int]]:
-    """Bins (lists of item indices) of total size <= max(capacity, largest item), largest items first."""
-    capacity = max([capacity, *sizes])
-    bins, room = [], []
-    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
-        for b in range(len(bins)):
-            if sizes[i] <= room[b]:
-                bins[b].append(i)
-                room[b] -= sizes[i]
-                break
-        else:
-            bins.append([i])
-            room.append(capacity - sizes[i])
-    return bins
+def layout(sizes: list[int], cost_per_key: float) -> list[list[int]]:
+    """Units (by size) spread over rows: the row count of lowest cost, each row padded to the longest."""
+    best = None
+    for rows in range(1, len(sizes) + 1):
+        bins = spread(sizes, rows)
+        L = max(sum(sizes[i] for i in b) for b in bins)
+        cost = len(bins) * _cost(L, cost_per_key)
+        if best is None or cost < best[0] - 1e-9:
+            best = (cost, bins)
+    return best[1]
 
 
 def pack(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
-         attention_mask: torch.Tensor, runs: Optional[list[int]], capacity: int, dtype: torch.dtype) -> Optional[Packed]:
+         attention_mask: torch.Tensor, runs: Optional[list[int]], cost_per_key: float,
+         dtype: torch.dtype) -> Optional[Packed]:
     """The packed forward's inputs for N left-padded prompts [N, P] and right-padded completions [N, T]
     (``attention_mask``: 1 for each completion's real tokens, a prefix of its row). ``runs``: lengths of
-    the runs of consecutive rows that share a prompt (one unit per run, split when long), or None for one
-    prompt copy per completion. None when some prompt is empty (nothing would predict its first token)."""
+    the runs of consecutive rows that share a prompt (one unit per run, or several when that costs less),
+    or None for one prompt copy per completion. ``cost_per_key``: see ``key_cost`` (0: everything in one
+    row, a group in one unit). None when some prompt is empty (nothing would predict its first token)."""
     N, T = completion_ids.shape
     device = completion_ids.device
     prompt_lengths = prompt_mask.sum(1).tolist()
     lengths = attention_mask.sum(1).tolist()
     if N == 0 or min(prompt_lengths) < 1:
         return None
-    units = units_of(prompt_lengths, lengths, runs if runs is not None else [1] * N, capacity)
+    units = units_of(prompt_lengths, lengths, runs if runs is not None else [1] * N, cost_per_key)
     sizes = [prompt_lengths[p] + sum(max(lengths[r] - 1, 0) for r in rows) for p, rows in units]
-    bins = first_fit(sizes, capacity)
+    bins = layout(sizes, cost_per_key)
     L = max(sum(sizes[u] for u in b) for b in bins)
     R = len(bins)
     ids = torch.zeros(R, L, dtype=torch.long)

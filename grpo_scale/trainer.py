@@ -148,6 +148,11 @@ def pick_backend(loss_impl: str, device: torch.device) -> LossBackend:
     return LossBackend("fused_linear", fused_linear_grpo_loss, selective_logps)
 
 
+# The start-up check's layout cost: its two groups go into two rows, one padded, and each keeps its
+# prompt once for both completions (see packing.layout).
+PROBE_KEY_COST = 0.02
+
+
 def _fused_lm_head_forward(self, hidden, **loss_kwargs):
     """lm_head.forward for loss_impl fused_linear: plain logits without loss arguments (generation),
     the fused GRPO loss with them. Running inside the lm_head module keeps ZeRO-3's gather hooks on."""
@@ -798,7 +803,7 @@ class GRPOTrainer:
         inner = self.acc.unwrap_model(model)
         packed = packing.pack(rb.prompt_ids, rb.prompt_mask, rb.completion_ids, rb.attention_mask,
                               rb.prompt_runs().tolist() if self.share_prompt else None,
-                              capacity=getattr(inner.config, "hidden_size", 0) or 0,
+                              packing.key_cost(inner.config),
                               dtype=inner.get_input_embeddings().weight.dtype)
         if model is self.model and self.zero_stage == 3:
             # The packed forward calls the decoder and the lm_head, the padded one the engine: under ZeRO-3
@@ -855,7 +860,7 @@ class GRPOTrainer:
                 padded = plain(**full_inputs(rb)).logits[:, -rb.completion_ids.shape[1] - 1:-1].float()
                 packed = packing.pack(rb.prompt_ids, rb.prompt_mask, rb.completion_ids, rb.attention_mask,
                                       rb.prompt_runs().tolist() if self.share_prompt else None,
-                                      capacity=0, dtype=plain.get_input_embeddings().weight.dtype)
+                                      PROBE_KEY_COST, dtype=plain.get_input_embeddings().weight.dtype)
                 hidden = packed.gather(plain.get_decoder()(**packed.inputs()).last_hidden_state)
                 logits = plain.get_output_embeddings()(hidden).float()
             active = rb.attention_mask.bool()

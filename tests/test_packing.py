@@ -33,7 +33,7 @@ def test_layout_of_a_shared_group():
     after the prompt, each completion seeing the prompt and itself only, and the index of the outputs
     that predict each completion token."""
     ro = rollout_of([[5, 6, 7], [5, 6, 7]], [[10, 11, 12], [20]])
-    p = packing.pack(ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.attention_mask, [2], 0, torch.float32)
+    p = packing.pack(ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.attention_mask, [2], 0.0, torch.float32)
     assert p.input_ids.tolist() == [[5, 6, 7, 10, 11]]
     assert p.position_ids.tolist() == [[0, 1, 2, 3, 4]]
     assert p.index.tolist() == [[2, 3, 4], [2, 2, 2]]  # 7 predicts 10 and 20; 10 predicts 11; 11 predicts 12
@@ -42,12 +42,12 @@ def test_layout_of_a_shared_group():
     assert p.real_tokens == 5
 
 
-def test_layout_unshared_and_split_into_rows():
-    """Without sharing each completion gets its own prompt copy; units go first-fit into rows of at most
-    the capacity (or the largest unit), padding tokens see only themselves, and positions restart."""
+def test_layout_unshared_and_spread_over_rows():
+    """Without sharing each completion gets its own prompt copy; with attention costly enough the units
+    go into separate rows, padding tokens see only themselves, and positions restart."""
     ro = rollout_of([[5, 6], [5, 6], [8]], [[10, 11, 12], [20, 21], [30, 31, 32, 33]])
-    p = packing.pack(ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.attention_mask, None, 6, torch.float32)
-    # units: [5 6 10 11] (4), [5 6 20] (3), [8 30 31 32] (4): rows of at most 6 -> three rows of width 4
+    p = packing.pack(ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.attention_mask, None, 1.0, torch.float32)
+    # units [5 6 10 11], [5 6 20], [8 30 31 32]: at 1.0 per key a row of 4 costs 4 * 5 = 20, one of 11, 132
     assert p.input_ids.shape == (3, 4) and p.real_tokens == 11
     rows = {tuple(r) for r in p.input_ids.tolist()}
     assert rows == {(5, 6, 10, 11), (5, 6, 20, 0), (8, 30, 31, 32)}
@@ -59,20 +59,30 @@ def test_layout_unshared_and_split_into_rows():
     # the outputs picked for row 2 are those at 8, 30, 31, 32 (predicting 30, 31, 32, 33)
     assert flat[p.index[2]].tolist() == [8, 30, 31, 32]
     assert flat[p.index[1]].tolist() == [6, 20, 6, 6]  # past the end: the prompt's last token (masked)
+    one_row = packing.pack(ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.attention_mask, None, 0.0,
+                           torch.float32)
+    assert one_row.input_ids.shape == (1, 11)
 
 
-def test_a_long_group_is_split_with_its_prompt_in_each_unit():
-    ro = rollout_of([[1, 2, 3]] * 4, [[4, 4, 4, 4, 4]] * 4)
-    p = packing.pack(ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.attention_mask, [4], 11, torch.float32)
-    # a unit is the prompt (3) + completions of 4 inputs each: at most 11 tokens -> two per unit, two units
-    assert p.real_tokens == 2 * (3 + 4 + 4)
-    assert packing.first_fit([5, 3, 4, 2], 6) == [[0], [2, 3], [1]]
+def test_the_layout_follows_the_cost_of_attention():
+    """A group of 4 completions of 40 inputs with a prompt of 10: cheap attention keeps it one unit
+    (170 tokens); costly attention splits it, each unit with its own prompt copy."""
+    assert packing.units_of([10] * 4, [41] * 4, [4], 1e-4) == [(0, [0, 1, 2, 3])]
+    split = packing.units_of([10] * 4, [41] * 4, [4], 0.05)
+    assert len(split) == 4 and sorted(r for _, rows in split for r in rows) == [0, 1, 2, 3]
+    assert packing.spread([5, 3, 4, 2], 2) == [[0, 3], [2, 1]]
+    assert packing.layout([100, 100, 100], 0.0) == [[0, 1, 2]] and len(packing.layout([100] * 3, 1.0)) == 3
+    from transformers import AutoConfig
+    cfg = AutoConfig.for_model("llama", hidden_size=576, intermediate_size=1536, num_attention_heads=9,
+                               num_key_value_heads=3, head_dim=64)
+    # SmolLM2-135M's shapes: 2304 attention FLOPs per key against 7.08M linear FLOPs per token, times 2
+    assert packing.key_cost(cfg) == pytest.approx(2 * 2304 / 7_077_888)
 
 
 def test_an_empty_prompt_is_not_packed():
     ro = rollout_of([[1, 2], [0]], [[4], [5]])
     ro.prompt_mask[1] = 0
-    assert packing.pack(ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.attention_mask, None, 0,
+    assert packing.pack(ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.attention_mask, None, 0.0,
                         torch.float32) is None
 
 
@@ -83,10 +93,10 @@ def model_and_tokenizer():
     return model, tok
 
 
-@pytest.mark.parametrize("share, capacity", [(True, 0), (False, 0), (True, 10_000), (False, 10_000), (True, 60)])
-def test_packed_forward_matches_the_padded_forward(model_and_tokenizer, share, capacity):
+@pytest.mark.parametrize("share, cost_per_key", [(True, 0.0), (False, 0.0), (True, 0.01), (False, 0.01), (True, 1.0)])
+def test_packed_forward_matches_the_padded_forward(model_and_tokenizer, share, cost_per_key):
     """float64: the outputs at every completion position and every parameter's gradient, for uneven runs
-    of prompts and completions of different lengths; one unit per row, all in one row, and split groups.
+    of prompts and completions of different lengths: all in one row, spread over rows, groups split.
     Outputs agree to 1e-10. Gradients to 1e-6: the model's RMSNorm computes in float32 whatever its input,
     and a shared prompt's gradient goes through it once summed rather than once per completion (the
     completion tokens' own gradients agree exactly)."""
@@ -100,7 +110,7 @@ def test_packed_forward_matches_the_padded_forward(model_and_tokenizer, share, c
     weights = torch.randn(*ro.completion_ids.shape, model.config.vocab_size, dtype=torch.float64)
     mask = ro.attention_mask.bool()
     runs = ro.prompt_runs().tolist() if share else None
-    p = packing.pack(ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.attention_mask, runs, capacity,
+    p = packing.pack(ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.attention_mask, runs, cost_per_key,
                      torch.float64)
     padded_tokens = ro.prompt_ids.numel() + ro.completion_ids.numel()
     assert p.real_tokens < padded_tokens and p.input_ids.numel() < padded_tokens
