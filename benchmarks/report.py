@@ -97,7 +97,8 @@ def traffic_table(rows: list[dict]) -> str:
 
 
 def e2e_table(rows: list[dict]) -> str:
-    sides = list(dict.fromkeys(r["provider"] for r in rows if "/" not in r["provider"]))
+    sides = list(dict.fromkeys(r["provider"] for r in rows if "/" not in r["provider"] and r["provider"] != "floor"
+                               and r["metric"] != "bound_speedup_at_floor"))
     get = {(r["provider"], r["metric"], r["mode"]): r for r in rows if r["metric"] != "reward_mean"}
     lines = []
     for side in sides:
@@ -135,6 +136,32 @@ def e2e_table(rows: list[dict]) -> str:
     return table
 
 
+def floor_table(rows: list[dict]) -> str:
+    """Each phase: ours, TRL, its floor (benchmarks/floors.py), and the bound on our step's speed-up were
+    that phase alone at its floor; then the tokens of a step and the bound over TRL (empty without floors)."""
+    get = {(r["provider"], r["metric"], r["mode"]): r for r in rows}
+    if ("floor", "time", "step") not in get:
+        return ""
+    lines = []
+    for p in (*PHASES, "step"):
+        bound = get.get(("ours", "bound_speedup_at_floor", p))
+        lines.append([p, *[_num(get[(side, "time", p)]["median"]) if (side, "time", p) in get else "-"
+                           for side in ("ours", "trl", "floor")],
+                      f"{_num(bound['median'])}x" if bound else "-"])
+    table = _table(["phase", "ours s", "TRL s", "floor s", "bound on our step's speed-up, this phase at its floor"],
+                   lines)
+    floor_note = get[("floor", "time", "step")]["note"]
+    tokens = {k: get.get(("floor", "tokens", f"tokens_{k}")) for k in ("real", "padded", "prompt_copies")}
+    if all(tokens.values()):
+        table += (f"\n\nTokens of a step (median): {_num(tokens['real']['median'], 4)} real (each group's prompt "
+                  f"once), {_num(tokens['padded']['median'], 4)} in a padded forward, of which "
+                  f"{_num(tokens['prompt_copies']['median'], 4)} are prompt copies. Rates: {floor_note}.")
+    over = get.get(("ours/trl", "bound_speedup_at_floor", "step"))
+    if over:
+        table += f" Bound over TRL: **{_num(over['median'])}x** ({over['note']})."
+    return table
+
+
 def report(results: Path) -> str:
     parts = []
     prefixes = sorted({p.name.rsplit("-", 1)[0] for p in results.glob("*.csv")})
@@ -146,6 +173,13 @@ def report(results: Path) -> str:
             path = results / f"{prefix}-{suite}.csv"
             if path.is_file() and (rows := read_csv(path)):
                 parts.append(f"### {prefix}: {suite}\n\n{_caption(rows, what)}\n\n{build(rows)}")
+    for path in sorted(results.glob("*-e2e-*.csv")):  # other models' e2e runs (memory comparisons aside)
+        if "-e2e-memory-" in path.name or not (rows := read_csv(path)):
+            continue
+        name = path.stem.split("-e2e-", 1)
+        floors = floor_table(rows)
+        parts.append(f"### {name[0]}: e2e, {name[1]}\n\n{_caption(rows, 'End-to-end GRPO steps')}\n\n{e2e_table(rows)}"
+                     + (f"\n\nWhere the step goes, and the floors:\n\n{floors}" if floors else ""))
     if not any(p.startswith("cuda") for p in prefixes):
         parts.append("### GPU (H100): not yet measured\n\nNo GPU was available where these results were "
                      "produced: kernel timings, bandwidth and GPU peak memory, and the end-to-end run on "

@@ -814,9 +814,15 @@ class GRPOTrainer:
 
     def _logits(self, model, rb: Rollout) -> torch.Tensor:
         """Policy logits [N, T, V] for the completion positions only (no full-sequence logits)."""
-        if self.padding_free:  # the decoder, then the head at the completion positions only
+        if self.padding_free:  # the decoder, then the head at the real completion positions only
             hidden, head = self._hidden(model, rb)
-            return head(hidden)
+            real = rb.attention_mask.bool()
+            if bool(real.all()):
+                return head(hidden)
+            out = head(hidden[real])  # [K, V]; positions past a completion's end get logits 0 (masked)
+            logits = out.new_zeros(*real.shape, out.shape[-1])
+            logits[real] = out
+            return logits
         inputs, keep = self._inputs(model, rb, model)
         return model(**inputs, logits_to_keep=keep).logits[:, :rb.completion_ids.shape[1]]
 

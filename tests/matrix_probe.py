@@ -149,7 +149,7 @@ def _run_cell(out: Path, name: str, cfg, trainer: GRPOTrainer, seen: list) -> No
         "world_size": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
         "zero_stage": trainer.zero_stage, "steps": trainer.step, "history": trainer.history,
         "step_metrics": last["metrics"],
-        "loss_impl": trainer.loss_impl,
+        "loss_impl": trainer.loss_impl, "padding_free": trainer.padding_free,
         "rollout": {k: getattr(rollout, k).cpu() for k in ("prompt_ids", "prompt_mask", "completion_ids",
                                                            "completion_mask", "attention_mask")},
         "ref_logps": None if batch["ref_logps"] is None else batch["ref_logps"].float().cpu(),

@@ -139,7 +139,7 @@ def test_e2e_suite_steps_our_sides_on_a_random_qwen2(tmp_path):
                                          num_key_value_heads=2, vocab_size=vocab)
     rows = e2e_suite.run_suite("cpu", quick=True, model=str(model), with_trl=False, log=quiet, with_memory=False,
                                overrides=["--max_completion_length", "6", "--per_device_train_batch_size", "8",
-                                          "--num_generations", "4"])
+                                          "--num_generations", "4"], records_out=tmp_path / "steps.json")
     for side in ("ours", "ours-unshared"):
         (rate,) = by(rows, provider=side, metric="steps_per_s")
         assert rate.status == "ok" and rate.median > 0 and rate.n == 3
@@ -148,8 +148,35 @@ def test_e2e_suite_steps_our_sides_on_a_random_qwen2(tmp_path):
         assert 1 <= length.median <= 6
     assert rows[0].shape.startswith("qwen2-small: 2 prompts x 4 completions")
     assert not by(rows, provider="ours/trl")
+    from benchmarks import floors
+    floor = floors.floor_rows(tmp_path / "steps.json", threads=1)
+    (step,) = by(floor, provider="floor", mode="step", metric="time")
+    assert step.status == "ok" and step.n == 3 and step.median > 0
+    assert len(by(floor, provider="ours", metric="bound_speedup_at_floor")) == 5
+    (real,), (padded,) = by(floor, mode="tokens_real"), by(floor, mode="tokens_padded")
+    assert 0 < real.median <= padded.median
     # the memory comparison's workers run in the GPU check's dry run (tests/test_gpu_check.py, -m slow);
     # their rows are checked by hand below
+
+
+def test_floors_of_one_step_by_hand():
+    """A one-layer model (40 linear weights, a tied 10 x 2 embedding), one group of 2 completions of 3 and 1
+    tokens after a 4-token prompt, 1 GFLOP/s and 1 GB/s."""
+    from types import SimpleNamespace
+
+    from benchmarks import floors
+    config = SimpleNamespace(hidden_size=2, num_attention_heads=1, intermediate_size=4, num_hidden_layers=1,
+                             head_dim=2, num_key_value_heads=1, vocab_size=10, tie_word_embeddings=True)
+    s = floors.shapes(config)
+    assert (s["linear"], s["head"], s["weights"]) == (80, 40, 60)
+    shape = {"completion_lengths": [3, 1], "prompt_lengths": [4, 4], "prompt_runs": [2]}
+    f, tokens = floors.step_floors(shape, s, {"flops_per_s": 1e9, "bytes_per_s": 1e9}, {"beta": 0.04})
+    # a forward: (4 prompt + 2 completion inputs) x 80 + 4 predicted tokens x 40 = 640 FLOPs
+    assert f["logps"] == pytest.approx(640e-9) and f["policy"] == pytest.approx(3 * 640e-9)
+    # prefill 3 x 80; three decoding steps, each bound by reading 60 weights of 4 bytes (240 ns)
+    assert f["generation"] == pytest.approx(240e-9 + 3 * 240e-9)
+    assert f["optimizer"] == pytest.approx(7 * 4 * 60e-9)
+    assert tokens == {"real": 8, "padded": 14, "prompt_copies": 4}
 
 
 def test_memory_rows_of_full_and_lora(monkeypatch):

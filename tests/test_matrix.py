@@ -3,8 +3,8 @@
 Factors: launch (one process, ZeRO-2 on 2 ranks, ZeRO-3 on 2 ranks, ZeRO-3 with CPU offload on 2 ranks) x
 beta (0, > 0) x share_prompt x num_iterations (1, 2) x gradient accumulation (1, 2) x loss_impl (eager, and
 triton and fused_linear under the Triton interpreter) x gradient checkpointing x LoRA (full fine-tuning, or
-peft adapters whose reference is the network with adapters off) x dynamic sampling, plus precision (fp32, and one bf16 cell in
-the default suite). ``ROWS`` is a pairwise covering set: every pair of values of any two
+peft adapters whose reference is the network with adapters off) x dynamic sampling x padding_free (packed or
+padded log-prob forwards), plus precision (fp32, and one bf16 cell in the default suite). ``ROWS`` is a pairwise covering set: every pair of values of any two
 factors meets in at least one row (checked by ``test_rows_cover_every_pair``). The full product runs behind
 the ``slow`` marker.
 
@@ -43,19 +43,19 @@ COMMON = ["--eval_size", "4", "--eval_batch_size", "4", "--max_completion_length
 # (launch, loss_impl, beta > 0, share_prompt, num_iterations 2, accumulation 2, gradient checkpointing, bf16, LoRA,
 #  dynamic sampling)
 ROWS = [
-    ("one", "eager", 0, 1, 1, 0, 0, 0, 0, 0),
-    ("one", "triton", 1, 1, 0, 0, 1, 0, 1, 0),
-    ("one", "fused_linear", 0, 0, 0, 1, 0, 0, 0, 1),
-    ("zero2", "eager", 0, 1, 1, 1, 0, 0, 1, 0),
-    ("zero2", "triton", 1, 0, 0, 0, 1, 0, 0, 1),
-    ("zero2", "fused_linear", 1, 0, 1, 1, 1, 0, 1, 0),
-    ("zero3", "eager", 0, 0, 0, 1, 1, 0, 1, 0),
-    ("zero3", "triton", 1, 1, 1, 1, 0, 0, 1, 1),
-    ("zero3", "fused_linear", 1, 1, 1, 0, 0, 0, 0, 0),
-    ("zero3", "eager", 1, 1, 0, 0, 0, 1, 0, 0),          # the bf16 cell: a partitioned reference in bf16
-    ("zero3_offload", "eager", 1, 1, 1, 1, 1, 0, 0, 1),
-    ("zero3_offload", "triton", 0, 0, 1, 1, 0, 0, 0, 0),
-    ("zero3_offload", "fused_linear", 1, 1, 0, 0, 0, 0, 1, 0),
+    ("one", "eager", 0, 1, 1, 0, 0, 0, 0, 0, 0),
+    ("one", "triton", 1, 1, 0, 0, 1, 0, 1, 0, 1),
+    ("one", "fused_linear", 0, 0, 0, 1, 0, 0, 0, 1, 1),
+    ("zero2", "eager", 0, 1, 1, 1, 0, 0, 1, 0, 1),
+    ("zero2", "triton", 1, 0, 0, 0, 1, 0, 0, 1, 0),
+    ("zero2", "fused_linear", 1, 0, 1, 1, 1, 0, 1, 0, 1),
+    ("zero3", "eager", 0, 0, 0, 1, 1, 0, 1, 0, 0),
+    ("zero3", "triton", 1, 1, 1, 1, 0, 0, 1, 1, 1),
+    ("zero3", "fused_linear", 1, 1, 1, 0, 0, 0, 0, 0, 1),
+    ("zero3", "eager", 1, 1, 0, 0, 0, 1, 0, 0, 1),          # the bf16 cell: a partitioned reference in bf16
+    ("zero3_offload", "eager", 1, 1, 1, 1, 1, 0, 0, 1, 1),
+    ("zero3_offload", "triton", 0, 0, 1, 1, 0, 0, 0, 0, 1),
+    ("zero3_offload", "fused_linear", 1, 1, 0, 0, 0, 0, 1, 0, 0),
 ]
 # The loss family rides along, one loss type (and extra) per row: every type runs under some launch, the
 # cross-rank entropy quantile under ZeRO-3, importance weights from the decoding loop's log-probs with
@@ -78,8 +78,8 @@ LOSSES = [
     ["--loss_type", "cispo", "--epsilon_high", "5", "--entropy_coef", "0.01", "--use_adaptive_entropy", "true"],
 ]
 FACTORS = ("launch", "loss_impl", "beta", "share_prompt", "num_iterations", "gradient_accumulation_steps",
-           "gradient_checkpointing", "bf16", "use_peft", "dynamic_sampling")
-PAIRED = (0, 1, 2, 3, 4, 5, 6, 8, 9)  # every factor but precision
+           "gradient_checkpointing", "bf16", "use_peft", "dynamic_sampling", "padding_free")
+PAIRED = (0, 1, 2, 3, 4, 5, 6, 8, 9, 10)  # every factor but precision
 # dynamic sampling cells: half of the prompts get a flat reward, so groups are dropped; 2 rounds at most,
 # so some steps run out of rounds (a short batch, or one filled with zero-spread groups)
 DYNAMIC = ["--dynamic_sampling", "true", "--max_sampling_rounds", "2",
@@ -87,20 +87,20 @@ DYNAMIC = ["--dynamic_sampling", "true", "--max_sampling_rounds", "2",
 
 
 def cell_name(row) -> str:
-    launch, impl, beta, share, iters, ga, gc, bf16, peft, dyn = row
+    launch, impl, beta, share, iters, ga, gc, bf16, peft, dyn, packed = row
     return "-".join([launch, impl, "beta" if beta else "nobeta", "share" if share else "noshare",
                      f"it{1 + iters}", f"ga{1 + ga}", "gc" if gc else "nogc", "bf16" if bf16 else "fp32",
-                     "lora" if peft else "full"] + (["dyn"] if dyn else []))
+                     "lora" if peft else "full", "packed" if packed else "padded"] + (["dyn"] if dyn else []))
 
 
 def cell_args(row) -> list[str]:
-    launch, impl, beta, share, iters, ga, gc, bf16, peft, dyn = row
+    launch, impl, beta, share, iters, ga, gc, bf16, peft, dyn, packed = row
     loss = LOSSES[ROWS.index(row)] if row in ROWS else ["--loss_type", "dapo"]
     # two rollouts: the second is scored after the policy moved, so reference and policy log-probs differ
     return COMMON + ["--max_steps", str(2 * (1 + iters)), "--loss_impl", impl, "--beta", "0.04" if beta else "0", "--share_prompt", str(bool(share)),
                      "--num_iterations", str(1 + iters), "--gradient_accumulation_steps", str(1 + ga),
-                     "--gradient_checkpointing", str(bool(gc)), "--bf16", str(bool(bf16)), "--use_peft", str(bool(peft))
-                     ] + loss + (DYNAMIC if dyn else [])
+                     "--gradient_checkpointing", str(bool(gc)), "--bf16", str(bool(bf16)), "--use_peft", str(bool(peft)),
+                     "--padding_free", str(bool(packed))] + loss + (DYNAMIC if dyn else [])
 
 
 def test_rows_cover_every_pair():
@@ -110,7 +110,7 @@ def test_rows_cover_every_pair():
     fine-tuning) with the shared prompt and with reused rollouts under both ZeRO-3 launches; and the LoRA
     reference (adapters off, through the engine) under every launch, with the shared prompt under both
     ZeRO-3 launches, with fused_linear under ZeRO-3, and LoRA with gradient checkpointing under ZeRO-3."""
-    values = [LAUNCHES, IMPLS] + [(0, 1)] * 8
+    values = [LAUNCHES, IMPLS] + [(0, 1)] * 9
     for a, b in itertools.combinations(PAIRED, 2):
         have = {(r[a], r[b]) for r in ROWS}
         missing = set(itertools.product(values[a], values[b])) - have
@@ -127,6 +127,11 @@ def test_rows_cover_every_pair():
     assert any(r[0].startswith("zero3") and r[1] == "fused_linear" and r[2] for r in peft)
     assert any(r[0].startswith("zero3") and r[6] for r in peft)
     assert any(r[7] and r[2] and r[0] == "zero3" for r in ROWS), "the bf16 cell: a partitioned reference in bf16"
+    # the packed forward (decoder and head called apart from the engine) under ZeRO-3: with LoRA, with
+    # fused_linear and with gradient checkpointing
+    assert any(r[0].startswith("zero3") and r[10] and r[8] for r in fp32)
+    assert any(r[:2] == ("zero3", "fused_linear") and r[10] for r in fp32)
+    assert any(r[0].startswith("zero3") and r[10] and r[6] for r in fp32)
     from grpo_scale.kernels.losses import LOSS_TYPES
     assert len(LOSSES) == len(ROWS)
     types = {loss[1] for loss in LOSSES}
@@ -183,7 +188,7 @@ def completion_logps(model, rec: dict) -> torch.Tensor:
 
 
 def check_cell(out: Path, row, initial, initial_bf16, world: int = 2, groups_span_ranks: bool = False) -> None:
-    launch, impl, beta, share, iters, ga, gc, bf16, peft, dyn = row
+    launch, impl, beta, share, iters, ga, gc, bf16, peft, dyn, packed = row
     name = cell_name(row)
     world = 1 if launch == "one" else world
     recs = [torch.load(out / name / f"rank{i}.pt", weights_only=False) for i in range(world)]
@@ -193,6 +198,7 @@ def check_cell(out: Path, row, initial, initial_bf16, world: int = 2, groups_spa
     assert recs[0]["offload"] == {"one": None, "zero3_offload": ("cpu", "cpu")}.get(launch, ("none", "none")), \
         (name, recs[0]["offload"])
     assert recs[0]["loss_impl"] == impl, name
+    assert recs[0]["padding_free"] == bool(packed), name  # on: the start-up check passed for this cell
     assert recs[0]["steps"] == 2 * (1 + iters) and recs[0]["history"], name
     for h in recs[0]["history"]:
         assert torch.isfinite(torch.tensor(h["loss"])), (name, h)
@@ -304,7 +310,7 @@ def test_zero3_ranks_agree_whether_to_share_the_prompt(tmp_path, initial_models)
     share) while ranks 0 and 2 hold one prompt twice. A shared forward through the ZeRO-3 engine is two
     forwards (prompt, then completions), each gathering parameters collectively: unless the ranks agree,
     their gathers pair up wrongly and the run hangs or fails."""
-    row = ("zero3", "eager", 1, 1, 0, 0, 0, 0, 0, 0)
+    row = ("zero3", "eager", 1, 1, 0, 0, 0, 0, 0, 0, 0)  # padded: the packed forward is one forward anyway
     extra = ["--num_generations", "3", "--per_device_train_batch_size", "2"]
     proc = launch_cells(tmp_path, "zero3", [row], extra, world=3, timeout=400)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
@@ -314,7 +320,7 @@ def test_zero3_ranks_agree_whether_to_share_the_prompt(tmp_path, initial_models)
 def product_chunks(size: int = 16):
     """The full product, by launch, in chunks of ``size`` cells (one launch each)."""
     for launch in LAUNCHES:
-        rows = [(launch, impl, *bits[:6], peft, dyn) for impl in IMPLS
+        rows = [(launch, impl, *bits[:6], peft, dyn, 1) for impl in IMPLS  # padding_free: the default
                 for bits in itertools.product((0, 1), repeat=6) for peft in (0, 1) for dyn in (0, 1)]
         for i in range(0, len(rows), size):
             yield pytest.param(launch, rows[i:i + size], id=f"{launch}-{i // size}")
