@@ -145,18 +145,34 @@ def attn_implementation(device: str) -> str:
     return "sdpa"
 
 
-def training_rows(cfg, n_prompts: int) -> list[dict]:
-    """The first n_prompts problems our trainer would take, as the conversations it renders: the system
-    prompt, the question, and the reply opened with ``assistant_prefix`` when the config has one (TRL
-    continues a final assistant message, and the reward functions read it from the prompt, on both sides)."""
+def training_rows(cfg, tokenizer, n_prompts: int) -> list[dict]:
+    """The first n_prompts problems our trainer would take. "prompt": the text our trainer renders (system
+    prompt, question, and the reply opened with ``assistant_prefix`` when the config has one), given to
+    TRL as a string: TRL 1.16 renders a conversational prompt with a new assistant turn even when it ends
+    with an assistant message, so it would not continue the opened reply. "conversation": the messages,
+    which the reward functions read (``trl_rewards``), as ours do."""
     from grpo_scale.tasks import ProblemStream, make_eval_set
-    from grpo_scale.tasks.prompts import open_reply
+    from grpo_scale.tasks.prompts import open_reply, render_messages
 
     held_out = {r["prompt"] for r in make_eval_set(cfg.task_mix, cfg.task_level, cfg.eval_size, cfg.eval_seed)}
     rows = ProblemStream(cfg.task_mix, cfg.task_level, cfg.seed, exclude=held_out).take(n_prompts)
-    system = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
-    return [{**r, "prompt": open_reply([*system, {"role": "user", "content": r["prompt"]}], cfg.assistant_prefix)}
-            for r in rows]
+    out = []
+    for r in rows:
+        conversation = open_reply([{"role": "user", "content": r["prompt"]}], cfg.assistant_prefix)
+        out.append({**r, "prompt": render_messages(tokenizer, conversation, cfg.system_prompt),
+                    "conversation": conversation})
+    return out
+
+
+def trl_rewards(funcs: list) -> list:
+    """Our reward functions as TRL calls them, judging each completion against its row's conversation
+    (the opened reply included) rather than the rendered prompt string."""
+    def wrap(fn):
+        def reward(prompts, completions, conversation, **kwargs):
+            return fn(prompts=conversation, completions=completions, **kwargs)
+        reward.__name__ = getattr(fn, "__name__", "reward")
+        return reward
+    return [wrap(f) for f in funcs]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -231,7 +247,7 @@ def run_trl(cfg, device: str, total: int, gate: Gate) -> None:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     prompts_per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps // cfg.num_generations
-    dataset = Dataset.from_list(training_rows(cfg, prompts_per_step * total))
+    dataset = Dataset.from_list(training_rows(cfg, tokenizer, prompts_per_step * total))
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True,
                                                  attn_implementation=attn_implementation(device))
     clock: dict = defaultdict(float)
@@ -266,7 +282,7 @@ def run_trl(cfg, device: str, total: int, gate: Gate) -> None:
             if state.global_step >= total:
                 gate.wait()  # the driver's word to tear down (train() still has work to do)
 
-    trainer = trl.GRPOTrainer(model=model, reward_funcs=get_reward_funcs(cfg.reward_funcs),
+    trainer = trl.GRPOTrainer(model=model, reward_funcs=trl_rewards(get_reward_funcs(cfg.reward_funcs)),
                               args=trl_args(cfg, device, total, cfg.output_dir), train_dataset=dataset,
                               processing_class=tokenizer, callbacks=[Clock()])
     scoring = {"active": False}
