@@ -845,18 +845,18 @@ class GRPOTrainer:
         it, and padding_free is turned off with a warning. Uses no global random state."""
         gen = torch.Generator().manual_seed(0)
         inner = self.acc.unwrap_model(self.model)
-        vocab = min(inner.get_input_embeddings().weight.shape[0], 1000)
-        ids = lambda n: torch.randint(1, vocab, (n,), generator=gen)
+        vocab = min(int(getattr(inner.config, "vocab_size", 0) or 1000), 1000)  # (ZeRO-3 shards the weights)
         pad = pad_id(self.tokenizer, inner)
-        prompts = [ids(5), ids(5), ids(3), ids(3)]
+        prompts = [torch.randint(1, vocab, (n,), generator=gen) for n in (5, 5, 3, 3)]
+        prompts = [prompts[0], prompts[0], prompts[2], prompts[2]]  # two groups of two
         lengths = [4, 1, 6, 3]
+        ones = lambda n: torch.ones(1, n, dtype=torch.long)
+        completion_mask = pad_cat([ones(n) for n in lengths], 0, left=False)
         rb = Rollout(pad_cat([p.unsqueeze(0) for p in prompts], pad, left=True),
-                     pad_cat([torch.ones(1, len(p), dtype=torch.long) for p in prompts], 0, left=True),
-                     pad_cat([ids(n).unsqueeze(0) for n in lengths], pad, left=False),
-                     *[pad_cat([torch.ones(1, n, dtype=torch.long) for n in lengths], 0, left=False)] * 2,
-                     torch.zeros(4, dtype=torch.bool), [""] * 4, [""] * 4)
-        device = self.acc.device
-        rb = Rollout(*[t.to(device) if torch.is_tensor(t) else t for t in
+                     pad_cat([ones(len(p)) for p in prompts], 0, left=True),
+                     pad_cat([torch.randint(1, vocab, (1, n), generator=gen) for n in lengths], pad, left=False),
+                     completion_mask, completion_mask.clone(), torch.zeros(4, dtype=torch.bool), [""] * 4, [""] * 4)
+        rb = Rollout(*[t.to(self.acc.device) if torch.is_tensor(t) else t for t in
                        (rb.prompt_ids, rb.prompt_mask, rb.completion_ids, rb.completion_mask, rb.attention_mask,
                         rb.is_truncated, rb.prompts, rb.completions)])
         was_training = inner.training
@@ -878,9 +878,11 @@ class GRPOTrainer:
             problem = f"the packed forward raised {type(e).__name__}: {str(e)[:200]}"
         finally:
             inner.train(was_training)
-        if problem is not None and self.acc.is_main_process:
-            logger.warning("padding_free: turned off for this model (%s); forwards run padded", problem)
-        return problem is None
+        fits = self._on_all_ranks(problem is None)
+        if not fits and self.acc.is_main_process:
+            logger.warning("padding_free: turned off for this model (%s); forwards run padded",
+                           problem or "the check failed on another rank")
+        return fits
 
     @torch.no_grad()
     def _logps(self, model, rollout: Rollout) -> torch.Tensor:
