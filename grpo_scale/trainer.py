@@ -30,7 +30,8 @@ from grpo_scale.reward_timeout import RewardTimeout
 from grpo_scale.config import ConfigError, GRPOConfig, adapter_base, is_adapter_dir
 from grpo_scale.rewards import call_reward, check_reward_columns, compute_rewards, get_reward_funcs
 from grpo_scale.rollout import (CacheNotRepeatable, Rollout, cache_argument, can_share_prompt,
-                                full_inputs, generate, group_advantages, pad_cat, pad_id, shared_prompt_inputs)
+                                few_row_linears, full_inputs, generate, group_advantages, linear, pad_cat, pad_id,
+                                shared_prompt_inputs)
 from grpo_scale.tasks import ProblemStream, make_eval_set
 from grpo_scale.tasks.prompts import is_conversational, open_reply, render_messages
 
@@ -157,7 +158,7 @@ def _fused_lm_head_forward(self, hidden, **loss_kwargs):
     """lm_head.forward for loss_impl fused_linear: plain logits without loss arguments (generation),
     the fused GRPO loss with them. Running inside the lm_head module keeps ZeRO-3's gather hooks on."""
     if not loss_kwargs:
-        return torch.nn.functional.linear(hidden, self.weight, self.bias)
+        return linear(hidden, self.weight, self.bias)
     from grpo_scale.kernels.fused_linear import fused_linear_grpo_loss
     args = loss_kwargs.pop("args")
     return fused_linear_grpo_loss(hidden, self.weight, *args, bias=self.bias, **loss_kwargs)
@@ -324,6 +325,8 @@ class GRPOTrainer:
             import types
             head = self.acc.unwrap_model(self.model).get_output_embeddings()
             head.forward = types.MethodType(_fused_lm_head_forward, head)
+        if self.acc.device.type == "cpu":  # decoding's few-row products in the BLAS's fast orientation
+            few_row_linears(self.acc.unwrap_model(self.model))
         if self.resumed_from is not None:
             self._load_checkpoint(self.resumed_from)
         self.is_set_up = True

@@ -135,7 +135,8 @@ def test_packed_forward_matches_the_padded_forward(model_and_tokenizer, share, c
         assert err < (1e-6 if share else 1e-10), (name, float(err))
 
 
-@pytest.mark.parametrize("extra", [[], ["--share_prompt", "false"], ["--gradient_checkpointing", "true"]])
+@pytest.mark.parametrize("extra", [[], ["--share_prompt", "false"], ["--gradient_checkpointing", "true"],
+                                   ["--loss_impl", "fused_linear", "--loss_type", "cispo", "--epsilon_high", "5"]])
 def test_padding_free_trains_the_same(tmp_path, extra):
     """padding_free on and off from one rollout: the same old and reference log-probs, losses and
     weights (beta > 0, two iterations, groups split across micro-batches)."""
