@@ -77,6 +77,41 @@ def test_sampled_tokens_match_generate_for_a_seed(setup):
     assert lengths.min() < lengths.max(), "want rows that finish at different steps"
 
 
+def test_few_row_linears_and_the_reserved_cache_sample_the_same_tokens(setup):
+    """The policy's linears in the few-row orientation (rollout.few_row_linears) and the KV cache with
+    preallocated room (rollout.reserve, which sample() applies) change rounding only: transformers'
+    generate on the untouched model draws the same tokens for a seed, and one decoding step's logits agree."""
+    import copy
+
+    from grpo_scale.rollout import few_row_linears, linear, reserve
+    model, tok, ids, mask, eos = setup
+    pad = tok.pad_token_id
+    patched = copy.deepcopy(model)
+    assert few_row_linears(patched) == sum(type(m) is torch.nn.Linear for m in model.modules()) > 0
+    kw = dict(temperature=1.4, top_k=30, top_p=0.95)
+    torch.manual_seed(7)
+    expected = hf_generate(model, ids, mask, eos, pad, do_sample=True, **kw)
+    torch.manual_seed(7)
+    assert torch.equal(our_sample(patched, ids, mask, eos, pad, do_sample=True, drop_finished=False, **kw), expected)
+    x, w, b = torch.randn(3, 5, 128), torch.randn(263, 128), torch.randn(263)
+    assert torch.allclose(linear(x, w, b), torch.nn.functional.linear(x, w, b), atol=1e-5)
+    assert linear(x, w).is_contiguous() and linear(x[:, :2], w).shape == (3, 2, 263)
+    with torch.no_grad():  # a reserved cache holds what a concatenating one holds, through row selection
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+        plain, roomy = out.past_key_values, copy.deepcopy(out.past_key_values)
+        assert reserve(roomy, 4) and not reserve(roomy, 4)  # converted once
+        step = ids[:, -1:]
+        attn = torch.cat([mask, mask.new_ones(len(ids), 1)], 1)
+        a = model(input_ids=step, attention_mask=attn, past_key_values=plain, use_cache=True).logits
+        b = model(input_ids=step, attention_mask=attn, past_key_values=roomy, use_cache=True).logits
+        assert torch.allclose(a, b, atol=1e-6)
+        keep = torch.tensor([0, 2, 3])
+        plain.batch_select_indices(keep)
+        roomy.batch_select_indices(keep)
+        for p, r in zip(plain.layers, roomy.layers):
+            assert torch.equal(p.keys, r.keys) and torch.equal(p.values, r.values)
+
+
 def test_dropped_rows_sample_from_their_own_distribution(setup):
     """Rows leave the batch at their EOS: every later token of every row must still come from that row's
     own top-3 (scored again by one full forward), which a row fed another row's cache would break."""
