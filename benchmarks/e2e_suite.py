@@ -204,14 +204,17 @@ def model_label(model: str | None) -> str:
 def run_suite(device: str, quick: bool, model: str | None = None, with_trl: bool = True,
               overrides: list[str] | None = None, log: Callable[[str], None] = print,
               with_memory: bool = True, with_speed: bool = True, config: str | None = None,
-              threads: int = 1, sides: list[str] | None = None, records_out: str | Path | None = None) -> list[Row]:
+              threads: int = 1, sides: list[str] | None = None, records_out: str | Path | None = None,
+              steps: int | None = None) -> list[Row]:
     """Measures our trainer, and TRL's with the same settings when installed (and `with_trl`).
     config: a config file both sides read (default configs/tiny-math.yaml); its model unless `model`.
     threads: torch threads of each side on the CPU (the sides are stepped in turn, never at once).
     sides: the speed sides to run (default: ours, ours-unshared, and trl when installed).
-    records_out: a JSON file for the speed sides' raw step records and settings (benchmarks/floors.py)."""
+    records_out: a JSON file for the speed sides' raw step records and settings (benchmarks/floors.py).
+    steps: measured steps of each speed side (default 3 with quick, else 20 on a CPU and 8 on a GPU)."""
     cuda = device.startswith("cuda")
-    warmup, steps = (1, 3) if quick else (2, 20 if not cuda else 8)
+    warmup, default_steps = (1, 3) if quick else (2, 20 if not cuda else 8)
+    steps = steps or default_steps
     # top-k 50 on every side whatever the config file says: the demo's sampling, the same on both.
     overrides = ["--top_k", "50", *(overrides or [])]
     if config is not None:

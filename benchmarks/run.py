@@ -48,6 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="e2e on the CPU: torch threads of each side (the sides are stepped in turn, never at once)")
     parser.add_argument("--sides", default=None, help="e2e: comma-separated speed sides (default "
                         "ours,ours-unshared,trl; trl only when installed)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="e2e: measured steps per side (default 20 on a CPU, 8 on a GPU, 3 with --quick)")
     parser.add_argument("--no-memory", dest="memory", action="store_false",
                         help="e2e: skip the memory comparison (full fine-tuning vs LoRA)")
     parser.add_argument("--no-trl", dest="trl", action="store_false", help="skip TRL's side of the e2e suite")
@@ -145,7 +147,8 @@ def main(argv=None) -> int:
         rows = e2e_suite.run_suite(device, args.quick, model=args.model_name_or_path, with_trl=args.trl,
                                    overrides=args.overrides, with_speed=not args.memory_only, config=args.config,
                                    threads=args.threads, with_memory=args.memory or args.memory_only,
-                                   sides=args.sides.split(",") if args.sides else None, records_out=records)
+                                   sides=args.sides.split(",") if args.sides else None, records_out=records,
+                                   steps=args.steps)
         name += ".csv"
         written.append(write_csv(out / name, rows, environment(device, preset)))
         if records is not None:  # the floors of each phase and the bounds they set (Amdahl), appended

@@ -93,7 +93,7 @@ def model_and_tokenizer():
     return model, tok
 
 
-@pytest.mark.parametrize("share, cost_per_key", [(True, 0.0), (False, 0.0), (True, 0.01), (False, 0.01), (True, 1.0)])
+@pytest.mark.parametrize("share, cost_per_key", [(True, 0.01), (False, 0.0), (True, 1.0)])
 def test_packed_forward_matches_the_padded_forward(model_and_tokenizer, share, cost_per_key):
     """float64: the outputs at every completion position and every parameter's gradient, for uneven runs
     of prompts and completions of different lengths: all in one row, spread over rows, groups split.
@@ -135,8 +135,8 @@ def test_packed_forward_matches_the_padded_forward(model_and_tokenizer, share, c
         assert err < (1e-6 if share else 1e-10), (name, float(err))
 
 
-@pytest.mark.parametrize("extra", [[], ["--share_prompt", "false"], ["--gradient_checkpointing", "true"],
-                                   ["--loss_impl", "fused_linear", "--loss_type", "cispo", "--epsilon_high", "5"]])
+@pytest.mark.parametrize("extra", [[], ["--share_prompt", "false", "--gradient_checkpointing", "true", "--loss_impl",
+                                       "fused_linear", "--loss_type", "cispo", "--epsilon_high", "5"]])
 def test_padding_free_trains_the_same(tmp_path, extra):
     """padding_free on and off from one rollout: the same old and reference log-probs, losses and
     weights (beta > 0, two iterations, groups split across micro-batches)."""
