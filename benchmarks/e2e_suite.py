@@ -36,7 +36,8 @@ from benchmarks.records import ROOT, Row, exact, measured, summarize
 
 EMBEDDED = ROOT / "grpo_scale" / "assets" / "tiny-math"
 PHASES = ("generation", "reward", "logps", "policy", "optimizer", "other")
-TARGET_SPEEDUP = 2.0  # the target on the CPU with the embedded model
+TARGET_SPEEDUP = 4.0  # the target on the CPU with the embedded model (2.5 on a real model: REAL_MODEL_TARGET)
+REAL_MODEL_TARGET = 2.5
 SIDE_OVERRIDES = {"ours": [], "ours-unshared": ["--share_prompt", "false"], "trl": []}
 # The memory comparison: a step with a KL penalty (beta > 0), full fine-tuning (a second, frozen model as
 # the reference, gradients and AdamW state for every weight) vs LoRA (adapters only; the reference is the
@@ -275,9 +276,10 @@ def speed_rows(device, quick, model, name, cuda, with_trl, warmup, steps, overri
         ours, trl = (summarize([1.0 / s["step_s"] for s in results[side]["steps"]]) for side in ("ours", "trl"))
         ratio = ours["median"] / trl["median"]
         note = "median steps/s ratio (q20/q80: worst/best pairing of the quantiles)"
-        if not cuda and model == str(EMBEDDED):  # the setting the target is stated for
-            note += (f"; target >= {TARGET_SPEEDUP:g}x on CPU with the embedded model: "
-                     f"{'met' if ratio >= TARGET_SPEEDUP else 'NOT met'}")
+        if not cuda:  # the settings the targets are stated for
+            target, what = (TARGET_SPEEDUP, "the embedded model") if model == str(EMBEDDED) else \
+                (REAL_MODEL_TARGET, "a real model")
+            note += f"; target >= {target:g}x on CPU with {what}: {'met' if ratio >= target else 'NOT met'}"
         rows.append(Row(**dict(base, provider="ours/trl"), mode="step", metric="speedup", unit="x",
                         median=ratio, q20=ours["q20"] / trl["q80"], q80=ours["q80"] / trl["q20"], n=ours["n"],
                         note=note))
