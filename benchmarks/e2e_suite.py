@@ -265,8 +265,10 @@ def speed_rows(device, quick, model, name, cuda, with_trl, warmup, steps, overri
                            status="skipped: trl (and datasets) not installed"))
     results = run_sides(sides, model, device, warmup, steps, overrides, log, threads=threads)
     if records_out is not None:
-        Path(records_out).write_text(json.dumps({"model": model, "name": name, "device": device, "threads": threads,
-                                                 "sides": results}, indent=1))
+        # paths inside the repository are stored relative to it (benchmarks/floors.py resolves them)
+        text = json.dumps({"model": model, "name": name, "device": device, "threads": threads, "sides": results},
+                          indent=1)
+        Path(records_out).write_text(text.replace(json.dumps(str(ROOT) + "/")[1:-1], ""))
     base = _base(name, results["ours"]["done"]["settings"])
     threads = {side: r["done"]["torch_threads"] for side, r in results.items()}
     rows = []

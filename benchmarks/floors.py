@@ -25,12 +25,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.records import Row, measured, summarize
+if __package__ in (None, ""):  # run as a script: the repository root on the path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.records import ROOT, Row, measured
 
 PHASES = ("generation", "reward", "logps", "policy", "optimizer", "other")
 
@@ -105,7 +108,10 @@ def floor_rows(records_path, threads: int | None = None) -> list[Row]:
 
     rec = json.loads(Path(records_path).read_text())
     threads = threads or rec.get("threads", 1)
-    config = AutoConfig.from_pretrained(resolve_model_path(rec["model"]))
+    model = rec["model"]
+    if (ROOT / model).exists():  # stored relative to the repository
+        model = str(ROOT / model)
+    config = AutoConfig.from_pretrained(resolve_model_path(model))
     s = shapes(config)
     rates = measure_rates(s, threads)
     ours = rec["sides"]["ours"]
