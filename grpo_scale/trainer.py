@@ -855,13 +855,12 @@ class GRPOTrainer:
         lengths = [4, 1, 6, 3]
         ones = lambda n: torch.ones(1, n, dtype=torch.long)
         completion_mask = pad_cat([ones(n) for n in lengths], 0, left=False)
-        rb = Rollout(pad_cat([p.unsqueeze(0) for p in prompts], pad, left=True),
-                     pad_cat([ones(len(p)) for p in prompts], 0, left=True),
-                     pad_cat([torch.randint(1, vocab, (1, n), generator=gen) for n in lengths], pad, left=False),
-                     completion_mask, completion_mask.clone(), torch.zeros(4, dtype=torch.bool), [""] * 4, [""] * 4)
-        rb = Rollout(*[t.to(self.acc.device) if torch.is_tensor(t) else t for t in
-                       (rb.prompt_ids, rb.prompt_mask, rb.completion_ids, rb.completion_mask, rb.attention_mask,
-                        rb.is_truncated, rb.prompts, rb.completions)])
+        dev = self.acc.device
+        rb = Rollout(pad_cat([p.unsqueeze(0) for p in prompts], pad, left=True).to(dev),
+                     pad_cat([ones(len(p)) for p in prompts], 0, left=True).to(dev),
+                     pad_cat([torch.randint(1, vocab, (1, n), generator=gen) for n in lengths], pad, left=False).to(dev),
+                     completion_mask.to(dev), completion_mask.to(dev), torch.zeros(4, dtype=torch.bool, device=dev),
+                     [""] * 4, [""] * 4)
         was_training = inner.training
         inner.eval()
         try:
