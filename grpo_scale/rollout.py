@@ -459,9 +459,19 @@ def generate(model, tokenizer, prompts: list[str], *, max_prompt_length: Optiona
         completion, logps = completion if with_logps else (completion, None)
         parts.append((ids, mask, completion, logps))
     model.train(was_training)
-    prompt_ids = pad_cat([p[0] for p in parts], pad, left=True)
-    prompt_mask = pad_cat([p[1] for p in parts], 0, left=True)
-    completion_ids = pad_cat([p[2] for p in parts], pad, left=False)
+    return assemble(tokenizer, prompts, pad_cat([p[0] for p in parts], pad, left=True),
+                    pad_cat([p[1] for p in parts], 0, left=True), pad_cat([p[2] for p in parts], pad, left=False),
+                    eos=eos, pad=pad, mask_truncated=mask_truncated,
+                    logps=pad_cat([p[3] for p in parts], 0.0, left=False) if with_logps else None)
+
+
+def assemble(tokenizer, prompts: list[str], prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+             completion_ids: torch.Tensor, *, eos: list[int], pad: int, mask_truncated: bool,
+             logps: Optional[torch.Tensor] = None) -> Rollout:
+    """The Rollout of sampled tokens, whichever engine sampled them: ``completion_ids`` [N, T] as sampled
+    (anything after a row's first EOS is ignored), the left-padded prompts they continue. Masks stop after
+    the first EOS; with ``mask_truncated`` a completion that never produced one is masked out entirely;
+    ``logps`` [N, T], the sampler's log-prob of each token, is zeroed after the first EOS."""
     completion_mask, is_truncated = completion_mask_from_ids(completion_ids, eos)
     completion_ids = completion_ids.masked_fill(completion_mask == 0, pad)
     attention_mask = completion_mask.clone()
@@ -469,7 +479,8 @@ def generate(model, tokenizer, prompts: list[str], *, max_prompt_length: Optiona
         completion_mask = completion_mask * (~is_truncated).unsqueeze(1).long()
     texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=False)
     completions = [_strip_special(t, tokenizer) for t in texts]
-    logps = pad_cat([p[3] for p in parts], 0.0, left=False) if with_logps else None
+    if logps is not None:
+        logps = logps.float().masked_fill(attention_mask == 0, 0.0)
     return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, attention_mask, is_truncated,
                    list(prompts), completions, logps)
 

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from grpo_scale import checkpoint as ckpt
-from grpo_scale import dynamic, lora, packing, portable, preemption, reward_timeout
+from grpo_scale import dynamic, engines, lora, packing, portable, preemption, reward_timeout
 from grpo_scale.reward_timeout import RewardTimeout
 from grpo_scale.config import ConfigError, GRPOConfig, adapter_base, is_adapter_dir
 from grpo_scale.rewards import call_reward, check_reward_columns, compute_rewards, get_reward_funcs
@@ -329,6 +329,7 @@ class GRPOTrainer:
             few_row_linears(self.acc.unwrap_model(self.model))
         if self.resumed_from is not None:
             self._load_checkpoint(self.resumed_from)
+        self.engine = self._make_engine()
         self.is_set_up = True
         if "tensorboard" in self.cfg.report_to:
             # purge_step: TensorBoard drops the events a killed run logged after its last checkpoint (steps
@@ -792,9 +793,50 @@ class GRPOTrainer:
                 return inputs, rb.completion_ids.shape[1]
         return full_inputs(rb), rb.completion_ids.shape[1] + 1
 
+    def _make_engine(self) -> engines.Engine:
+        """The rollout engine (``grpo_scale.engines``): our sampler, or vLLM when use_vllm."""
+        cfg, acc = self.cfg, self.acc
+        if not cfg.use_vllm:
+            return engines.LocalEngine(self.model, self.tokenizer, self.gathered, share_prompt=self.share_prompt,
+                                       on_unshareable=self._stop_sharing, stop=self.stop)
+        inner = acc.unwrap_model(self.model)
+        gather = engines.zero3_gather(_partitioned(inner))
+        try:
+            if cfg.vllm_mode == "server":
+                return engines.VLLMServerEngine(engines.server_url(cfg), self.tokenizer, inner, acc.device, gather,
+                                                timeout=cfg.vllm_server_timeout, accelerator=acc)
+            path = self._vllm_model_path()
+            dtype = next(p for p in inner.parameters()).dtype
+            rows = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+            engine = engines.VLLMColocateEngine(
+                path, self.tokenizer, inner, acc.device, gather, dtype=dtype, max_model_len=engines.max_model_len(cfg),
+                max_rows=rows, seed=cfg.seed, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+                tensor_parallel_size=cfg.vllm_tensor_parallel_size, enable_sleep_mode=cfg.vllm_enable_sleep_mode,
+                rank=acc.process_index, local_rank=acc.local_process_index, world_size=acc.num_processes,
+                trust_remote_code=cfg.trust_remote_code)
+        except engines.EngineError as e:
+            raise ConfigError(f"use_vllm: {e}") from None
+        acc.wait_for_everyone()  # every rank's engine is up before the first collective of the run
+        return engine
+
+    def _vllm_model_path(self) -> str:
+        """The folder vLLM loads its starting weights and configuration from: the model files the policy came
+        from (a LoRA adapter's base); a model object passed in must name a folder (config._name_or_path)."""
+        if self.model_object is None:
+            path = self.cfg.resolved_model_path
+            return adapter_base(path) if is_adapter_dir(path) else path
+        name = getattr(getattr(self.acc.unwrap_model(self.model), "config", None), "_name_or_path", "")
+        if name and Path(name).is_dir():
+            return name
+        raise engines.EngineError("vLLM builds its engine from model files, and the model object passed in names "
+                                  f"no local folder (config._name_or_path={name!r}); save it with save_pretrained "
+                                  "and pass the folder as model_name_or_path")
+
     def _stop_sharing(self, why: CacheNotRepeatable) -> None:
         """share_prompt off for the rest of the run (every rank reaches this at the same point)."""
         self.share_prompt = False
+        if isinstance(getattr(self, "engine", None), engines.LocalEngine):
+            self.engine.share_prompt = False
         if self.acc.is_main_process:
             logger.warning("share_prompt: the KV cache of this model (%s) cannot be repeated for each completion "
                            "of a group; running one full forward per completion instead", why.kinds)
@@ -909,6 +951,8 @@ class GRPOTrainer:
             s = self._sample_round()
             rollout, all_total, all_per_func = s["rollout"], s["all_total"], s["all_per_func"]
             m = {"time/generate_s": s["generate_s"], "time/reward_s": s["reward_s"]}
+            if cfg.use_vllm:  # within time/generate_s
+                m["time/weight_sync_s"] = s["weight_sync_s"]
             self.sampling["prompts"] += s["prompts"]
         n = len(rollout)  # this rank's share (all ranks train the same number)
         adv, group_std = group_advantages(all_total.cpu(), G, cfg.scale_rewards)
@@ -958,17 +1002,16 @@ class GRPOTrainer:
         slots = [row for row in rows for _ in range(G)]   # global completion slots, groups consecutive
         mine = slots[rank * local:(rank + 1) * local]
         t0 = time.perf_counter()
-        kwargs = dict(max_prompt_length=cfg.max_prompt_length, max_new_tokens=cfg.max_completion_length,
-                      do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                      mask_truncated=cfg.mask_truncated_completions, with_logps=True)
-        with self.unwrapped_for_generation() as model:
-            try:
-                rollout = generate(model, self.tokenizer, self._render(mine), share_prompt=self.share_prompt,
-                                   stop=self.stop, **kwargs)
-            except CacheNotRepeatable as e:
-                self._stop_sharing(e)
-                rollout = generate(model, self.tokenizer, self._render(mine), share_prompt=False, stop=self.stop,
-                                   **kwargs)
+        sampling = engines.Sampling(max_new_tokens=cfg.max_completion_length, max_prompt_length=cfg.max_prompt_length,
+                                    do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                                    mask_truncated=cfg.mask_truncated_completions, with_logps=True)
+        # vLLM draws each completion from a seed of the trainer's generator (saved in checkpoints); our sampler
+        # draws from the generator itself
+        seeds = None if isinstance(self.engine, engines.LocalEngine) else \
+            torch.randint(0, engines.SEED_RANGE, (len(mine),)).tolist()
+        synced = getattr(self.engine, "sync_s", 0.0)
+        rollout = self.engine.generate(self._render(mine), sampling, seeds=seeds)
+        sync_s = getattr(self.engine, "sync_s", 0.0) - synced
         self._stop_point("generation")
         t1 = time.perf_counter()
         columns = {k: [r.get(k) for r in mine] for k in mine[0] if k != "prompt"}
@@ -986,7 +1029,7 @@ class GRPOTrainer:
         self._stop_point("scoring")
         return {"rollout": rollout, "all_total": acc.gather(total.to(acc.device)).cpu(),
                 "all_per_func": acc.gather(per_func.to(acc.device)).cpu(), "prompts": len(rows),
-                "generate_s": t1 - t0, "reward_s": time.perf_counter() - t1}
+                "generate_s": t1 - t0, "reward_s": time.perf_counter() - t1, "weight_sync_s": sync_s}
 
     def _sample_dynamic(self) -> tuple[Rollout, torch.Tensor, torch.Tensor, dict]:
         """DAPO's dynamic sampling: rounds until the kept groups fill the batch or max_sampling_rounds ran
@@ -1177,6 +1220,7 @@ class GRPOTrainer:
             skipped += bad
             self._count_bad_step(bad)
             self.scheduler.step()
+            self.engine.mark_stale()
             self.step += 1
         m = {k: v / (n if k != "grad_norm" else cfg.num_iterations) for k, v in sums.items()}
         m = {k: float(acc.reduce(torch.tensor(v, device=acc.device), "mean")) for k, v in m.items()}

@@ -16,11 +16,8 @@ TRL_ONLY = {
     "cast_lm_head_to_fp32": False, "remove_unused_columns": False, "num_generations_eval": None,
     "ds3_gather_for_generation": True, "shuffle_dataset": True, "pad_to_multiple_of": "auto",
     "generation_batch_size": None, "steps_per_generation": None, "min_p": None, "generation_kwargs": None,
-    "chat_template_kwargs": None, "repetition_penalty": 1.0, "cache_implementation": None, "use_vllm": False,
-    "vllm_mode": "colocate", "vllm_model_impl": "vllm", "vllm_enable_sleep_mode": False,
-    "vllm_structured_outputs_regex": None, "vllm_server_base_url": None, "vllm_server_host": "0.0.0.0",
-    "vllm_server_port": 8000, "vllm_server_timeout": 240.0, "vllm_group_port": 51216,
-    "vllm_gpu_memory_utilization": 0.3, "vllm_max_model_length": None, "vllm_tensor_parallel_size": 1,
+    "chat_template_kwargs": None, "repetition_penalty": 1.0, "cache_implementation": None,
+    "vllm_model_impl": "vllm", "vllm_structured_outputs_regex": None,
     "multi_objective_aggregation": "sum_then_normalize",
     "sync_ref_model": False, "ref_model_mixup_alpha": 0.6, "ref_model_sync_steps": 512,
     "max_tool_calling_iterations": None, "log_multimodal": True, "log_unique_prompts": False, "log_completions_hub_repo": None,
@@ -33,7 +30,10 @@ HARMLESS = {"run_name", "logging_dir", "logging_strategy", "logging_first_step",
             "dataloader_prefetch_factor", "do_train", "do_eval", "do_predict", "project", "local_rank",
             "skip_memory_metrics", "save_only_model", "include_num_input_tokens_seen", "logging_nan_inf_filter",
             "hub_token", "hub_private_repo", "hub_model_id", "hub_strategy", "hub_revision",
-            # TRL applies it to vLLM rollouts only (use_vllm, refused here); here: importance_sampling_correction
+            # TRL's port of its NCCL weight-sync group; the server mode here sends weights over its HTTP connection
+            "vllm_group_port",
+            # TRL applies it to vLLM rollouts only; here the correction is importance_sampling_correction, for
+            # either sampler
             "vllm_importance_sampling_correction"}
 # values of fields grpo-scale lacks that describe what it does anyway (torch's AdamW, its epsilon)
 SAME_AS_OURS = {"optim": {"adamw_torch", "adamw_torch_fused"}, "adam_epsilon": {1e-8}}

@@ -80,7 +80,8 @@ def test_trl_names_and_defaults():
 def test_trl_fields_not_supported_yet_say_so():
     # at their TRL defaults (a script that spells out a default) they are accepted and change nothing
     GRPOConfig(use_vllm=False, remove_unused_columns=False, optim="adamw_torch", run_name="x", push_to_hub=False)
-    for field, value in (("use_vllm", True), ("sync_ref_model", True), ("push_to_hub", True), ("optim", "adafactor")):
+    for field, value in (("vllm_model_impl", "transformers"), ("sync_ref_model", True), ("push_to_hub", True),
+                         ("optim", "adafactor")):
         with pytest.raises(ConfigError, match=f"{field}=.*does not support yet"):
             GRPOConfig(**{field: value})
     with pytest.raises(ConfigError, match="unknown field 'num_generation'; did you mean 'num_generations'"):
