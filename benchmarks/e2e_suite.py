@@ -7,7 +7,9 @@ sampling (temperature, top-k 50), one process, and on the CPU one torch thread e
 - `ours`: our trainer as configured (each group's prompt run once: `share_prompt: true`);
 - `ours-unshared`: the same with `share_prompt: false` (one full forward per completion, as TRL does),
   which shows how much of the difference the shared prompt makes;
-- `trl`: TRL's GRPOTrainer, when installed.
+- `trl`: TRL's GRPOTrainer, when installed;
+- `ours-vllm`: ours with rollouts through vLLM colocated in the process (`use_vllm: true`; asked for with
+  `--sides`, when vLLM is installed), weights synced every step.
 
 The processes are stepped alternately (forward order, then reverse order, ...), one step at a time, so
 that a load change on a shared machine hits all sides alike. The first `warmup` steps of each side are
@@ -38,7 +40,8 @@ EMBEDDED = ROOT / "grpo_scale" / "assets" / "tiny-math"
 PHASES = ("generation", "reward", "logps", "policy", "optimizer", "other")
 TARGET_SPEEDUP = 4.0  # the target on the CPU with the embedded model (2.5 on a real model: REAL_MODEL_TARGET)
 REAL_MODEL_TARGET = 2.5
-SIDE_OVERRIDES = {"ours": [], "ours-unshared": ["--share_prompt", "false"], "trl": []}
+SIDE_OVERRIDES = {"ours": [], "ours-unshared": ["--share_prompt", "false"], "trl": [],
+                  "ours-vllm": ["--use_vllm", "true"]}
 # The memory comparison: a step with a KL penalty (beta > 0), full fine-tuning (a second, frozen model as
 # the reference, gradients and AdamW state for every weight) vs LoRA (adapters only; the reference is the
 # same network with its adapters off)

@@ -195,8 +195,9 @@ class _Fields:
                                "vespo: rate lambda for negative advantages.")
     importance_sampling_correction: bool = _f(False, "Weight the loss by exp(old - sampler) log-probs, per "
                                               "importance_sampling_mode (TRL's vllm_importance_sampling_"
-                                              "correction; the sampler is this trainer's decoding loop, whose "
-                                              "log-probs differ from the training forward's only by rounding).")
+                                              "correction). The sampler is this trainer's decoding loop, whose "
+                                              "log-probs differ from the training forward's only by rounding, or "
+                                              "vLLM (use_vllm), whose kernels differ more.")
     importance_sampling_mode: str = _f("sequence_mask", "token_truncate | token_mask | sequence_truncate | "
                                        "sequence_mask: truncate (clip) or mask (zero) ratios outside [clip_min, "
                                        "clip_max], per token or per sequence.")

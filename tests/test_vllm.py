@@ -266,7 +266,7 @@ def _two_ranks(tmp_path, name, extra, model_args=()):
 
 def test_two_zero2_ranks_colocated_and_against_the_server(tiny_server, tmp_path):
     proc = _two_ranks(tmp_path, "colocate2", [])
-    assert (proc.stdout + proc.stderr).count("vLLM colocated engine ready") == 2  # one engine per rank
+    assert (proc.stdout + proc.stderr).count("Initializing a V1 LLM engine") == 2  # one engine per rank
     _two_ranks(tmp_path, "server2", ["--vllm_mode", "server", "--vllm_server_port", str(tiny_server)])
 
 
