@@ -205,8 +205,10 @@ def run_ours(cfg, device: str, total: int, gate: Gate) -> None:
                   "policy": metrics["time/train_s"] - clock["optimizer"] - clock["clip"],
                   "optimizer": clock["optimizer"]}
         phases["other"] = step_s - sum(phases.values())
+        # use_vllm: the weight sync's share of the generation phase
+        extra = {"weight_sync_s": m["time/weight_sync_s"]} if "time/weight_sync_s" in m else {}
         gate.send("step", step_s=step_s, phases=phases, tokens=m["tokens"], reward=m["reward/mean"],
-                  completion_length=m["completion/mean_length"], peak_memory=memory.read(), shape=shape)
+                  completion_length=m["completion/mean_length"], peak_memory=memory.read(), shape=shape, **extra)
     gate.wait()  # the driver's word to tear down
 
 

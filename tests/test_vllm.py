@@ -11,7 +11,8 @@ With real vLLM (the CPU build here; the README's vLLM section installs it), each
   sampler's tokens on the same weights; a 2-step run syncs the weights, after which vLLM's log-probs of
   fixed completions equal the policy's and differ from the ones before;
 - the same colocated probe on SmolLM2-135M-Instruct (the real model);
-- 2 ZeRO-2 ranks, colocated and against the server, through ``train.py``.
+- 2 ranks through ``train.py``: ZeRO-2 colocated (an engine per rank), ZeRO-3 with ``beta > 0`` against
+  the server (the weight sync gathers one module at a time on both ranks); the server probe trains LoRA.
 
 Without vLLM these skip, unless ``GRPO_SCALE_REQUIRE_VLLM=1`` (set by ``.ci/run``), which makes them fail.
 SmolLM2 against a server and on 2 ranks run with ``-m slow``.
@@ -247,27 +248,31 @@ def test_colocated_vllm_on_the_embedded_model(vllm_installed, tmp_path):
 
 
 def test_a_vllm_server_on_the_embedded_model(tiny_server, tmp_path):
+    # with LoRA: the server gets merged weights (and the policy's forward has its adapters on)
     r = probe(tmp_path, "server", ["--vllm_mode", "server", "--vllm_server_port", str(tiny_server),
-                                   "--max_completion_length", "32", "--per_device_train_batch_size", "16"])
+                                   "--max_completion_length", "32", "--per_device_train_batch_size", "16",
+                                   "--use_peft", "true", "--lora_r", "8", "--learning_rate", "1e-3"])
     assert r["engine"] == "vllm-server"
     check_probe(r, TOL["tiny"])
 
 
-def _two_ranks(tmp_path, name, extra, model_args=()):
+def _two_ranks(tmp_path, name, extra, model_args=(), launch="zero2"):
     out = tmp_path / name
     proc = run(["--use_vllm", "true", "--max_steps", "2", "--output_dir", str(out), "--eval_size", "2",
                 "--eval_batch_size", "2", "--max_completion_length", "16", "--per_device_train_batch_size", "8",
-                "--logging_steps", "1", *model_args, *extra], ranks=2, timeout=600)
+                "--logging_steps", "1", *model_args, *extra], ranks=2, timeout=600, launch=launch)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["num_processes"] == 2 and summary["skipped_steps"] == 0
     return proc
 
 
-def test_two_zero2_ranks_colocated_and_against_the_server(tiny_server, tmp_path):
+def test_two_ranks_colocated_and_against_the_server(tiny_server, tmp_path):
     proc = _two_ranks(tmp_path, "colocate2", [])
     assert (proc.stdout + proc.stderr).count("Initializing a V1 LLM engine") == 2  # one engine per rank
-    _two_ranks(tmp_path, "server2", ["--vllm_mode", "server", "--vllm_server_port", str(tiny_server)])
+    # ZeRO-3 with a reference model: the sync gathers one module at a time on both ranks, rank 0 sends
+    _two_ranks(tmp_path, "server2", ["--vllm_mode", "server", "--vllm_server_port", str(tiny_server),
+                                     "--beta", "0.04"], launch="zero3")
 
 
 def test_colocated_vllm_on_smollm2(vllm_installed, tmp_path):
