@@ -243,8 +243,13 @@ def tiny_server(vllm_installed, tmp_path_factory):
 
 
 def test_colocated_vllm_on_the_embedded_model(vllm_installed, tmp_path):
-    r = probe(tmp_path, "colocate", ["--max_completion_length", "32", "--per_device_train_batch_size", "16"])
+    # vLLM's own log-probs feed the importance-sampling correction and the off-policy mask
+    r = probe(tmp_path, "colocate", ["--max_completion_length", "32", "--per_device_train_batch_size", "16",
+                                     "--importance_sampling_correction", "true", "--off_policy_mask_threshold", "0.5"])
     check_probe(r, TOL["tiny"])
+    last = r["history"][-1]
+    assert 0.5 < last["importance_sampling_ratio_mean"] < 2 and "off_policy_masked" in last
+    assert 0 < last["sampling/logp_gap_max"] < 0.5  # vLLM's kernels round differently from the training forward
 
 
 def test_a_vllm_server_on_the_embedded_model(tiny_server, tmp_path):
