@@ -65,8 +65,11 @@ class EngineError(RuntimeError):
 class Engine:
     """What the trainer calls. ``generate`` is a collective: every rank calls it, in the same order."""
     name = "engine"
+    sync_s = 0.0  # seconds spent pushing weights so far (engines with their own copy of the weights)
 
     def generate(self, prompts: list[str], sampling: Sampling, seeds: Optional[list[int]] = None) -> Rollout:
+        """One completion per prompt string. ``seeds``: one per prompt, for an engine that draws each
+        completion from a seed of its own (vLLM); our sampler draws from torch's generator and ignores it."""
         raise NotImplementedError
 
     def mark_stale(self) -> None:
@@ -233,7 +236,7 @@ def kv_cache_bytes(model_config, rows: int, max_model_len: int, dtype: torch.dty
     heads = getattr(model_config, "num_attention_heads")
     kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
     head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
-    per_token = 2 * model_config.num_hidden_layers * kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
+    per_token = 2 * model_config.num_hidden_layers * kv_heads * head_dim * dtype.itemsize
     want = int(per_token * rows * max_model_len * 1.25)
     # at most 1 GiB (vLLM queues what does not fit) unless one sequence needs more
     return max(64 << 20, min(want, max(KV_CACHE_CAP, int(per_token * max_model_len * 1.25))))
@@ -356,6 +359,11 @@ class _VLLMBase(Engine):
         ids, mask = tokenize_prompts(self.tokenizer, prompts, sampling.max_prompt_length, "cpu")
         return ids, mask, [row[m.bool()].tolist() for row, m in zip(ids, mask)]
 
+    def _fresh(self) -> None:
+        """Sync if an optimiser step changed the policy since the last push."""
+        if self.stale:
+            self.sync()
+
     def sync(self) -> None:
         """Push the policy's weights (every rank takes part in the gathers)."""
         t0 = time.perf_counter()
@@ -396,7 +404,6 @@ class VLLMColocateEngine(_VLLMBase):
                   max_model_len=max_model_len, seed=rank // tensor_parallel_size, enable_sleep_mode=enable_sleep_mode,
                   tensor_parallel_size=tensor_parallel_size, logprobs_mode="processed_logprobs",
                   trust_remote_code=trust_remote_code, max_num_seqs=max(1, max_rows), max_num_batched_tokens=4096)
-        on_gpu = torch.device(device).type == "cuda"
         if world_size > 1:  # the training processes' torch.distributed world is vLLM's (TRL does the same)
             kw["distributed_executor_backend"] = "external_launcher"
             for k, v in (("RANK", rank), ("LOCAL_RANK", local_rank), ("WORLD_SIZE", world_size)):
@@ -432,8 +439,7 @@ class VLLMColocateEngine(_VLLMBase):
                               "the old weights' keys and values")
 
     def generate(self, prompts, sampling, seeds=None):
-        if self.stale:
-            self.sync()
+        self._fresh()
         ids, mask, lists = self._token_lists(prompts, sampling)
         seeds = seeds or [None] * len(lists)
         self._wake(["kv_cache"])
@@ -448,8 +454,7 @@ class VLLMColocateEngine(_VLLMBase):
 
     def sequence_logps(self, prompts: list[list[int]], completions: list[list[int]]) -> list[list[float]]:
         """vLLM's log-probs of given completions (``sequence_logps``), after a sync if the policy changed."""
-        if self.stale:
-            self.sync()
+        self._fresh()
         return sequence_logps(self.llm, self.SamplingParams, prompts, completions)
 
     def close(self) -> None:
@@ -497,7 +502,7 @@ def read_tensors(read: Callable[[int], bytes]) -> Iterator[tuple[str, torch.Tens
         numel = 1
         for x in shape:
             numel *= x
-        data = read(numel * torch.tensor([], dtype=dtype).element_size())
+        data = read(numel * dtype.itemsize)
         if not data:  # an empty tensor (frombuffer refuses an empty buffer)
             yield str(h["name"]), torch.empty(shape, dtype=dtype)
             continue
@@ -567,14 +572,12 @@ class VLLMServerEngine(_VLLMBase):
 
     def sequence_logps(self, prompts: list[list[int]], completions: list[list[int]]) -> list[list[float]]:
         """The server's log-probs of given completions (main process only), after a sync if needed."""
-        if self.stale:
-            self.sync()
+        self._fresh()
         body = json.dumps({"prompt_token_ids": prompts, "completion_ids": completions}).encode()
         return self._call("POST", "/logprobs/", body)["logprobs"]
 
     def generate(self, prompts, sampling, seeds=None):
-        if self.stale:
-            self.sync()
+        self._fresh()
         ids, mask, lists = self._token_lists(prompts, sampling)
         seeds = seeds or [None] * len(lists)
         mine = (lists, seeds)

@@ -30,7 +30,7 @@ from grpo_scale.reward_timeout import RewardTimeout
 from grpo_scale.config import ConfigError, GRPOConfig, adapter_base, is_adapter_dir
 from grpo_scale.rewards import call_reward, check_reward_columns, compute_rewards, get_reward_funcs
 from grpo_scale.rollout import (CacheNotRepeatable, Rollout, cache_argument, can_share_prompt,
-                                few_row_linears, full_inputs, generate, group_advantages, linear, pad_cat, pad_id,
+                                few_row_linears, full_inputs, group_advantages, linear, pad_cat, pad_id,
                                 shared_prompt_inputs)
 from grpo_scale.tasks import ProblemStream, make_eval_set
 from grpo_scale.tasks.prompts import is_conversational, open_reply, render_messages
@@ -1009,9 +1009,9 @@ class GRPOTrainer:
         # draws from the generator itself
         seeds = None if isinstance(self.engine, engines.LocalEngine) else \
             torch.randint(0, engines.SEED_RANGE, (len(mine),)).tolist()
-        synced = getattr(self.engine, "sync_s", 0.0)
+        synced = self.engine.sync_s
         rollout = self.engine.generate(self._render(mine), sampling, seeds=seeds)
-        sync_s = getattr(self.engine, "sync_s", 0.0) - synced
+        sync_s = self.engine.sync_s - synced
         self._stop_point("generation")
         t1 = time.perf_counter()
         columns = {k: [r.get(k) for r in mine] for k in mine[0] if k != "prompt"}
