@@ -77,7 +77,11 @@ def _agreed(problem: str | None) -> str | None:
 
 def _first_to_say(message: str) -> bool:
     import hashlib
-    key = "grpo_scale/error/" + hashlib.sha256(message.encode()).hexdigest()
+    import re
+    # the same error on every rank may carry each rank's own timing ("saved ... (0.5 s after the signal)"
+    # on one, 0.6 s on another): durations do not make it another message
+    same = re.sub(r"\d+(?:\.\d+)? s\b", "# s", message)
+    key = "grpo_scale/error/" + hashlib.sha256(same.encode()).hexdigest()
     try:
         store = _store(timeout=10)
         return store is None or store.add(key, 1) == 1
