@@ -12,6 +12,8 @@ from typing import Optional
 
 import torch
 
+from grpo_scale import attention
+
 logger = logging.getLogger(__name__)
 
 
@@ -131,9 +133,9 @@ def repeatable_cache(cache) -> bool:
     return all(isinstance(layer, cache_utils.DynamicLayer) and not isinstance(layer, excluded) for layer in layers)
 
 
-def prefill(model, ids: torch.Tensor, mask: torch.Tensor, counts: torch.Tensor, cache_kw: str):
+def prefill(model, ids: torch.Tensor, mask: torch.Tensor, counts: Optional[torch.Tensor], cache_kw: str):
     """Runs the prompts ``ids``/``mask`` [R, P'] once (``model`` a causal LM or its decoder) and returns
-    their KV cache with row r repeated counts[r] times, or None when the model returns no cache
+    their KV cache with row r repeated counts[r] times (not repeated: None), or None when the model returns no cache
     (gradient checkpointing in training mode, where transformers turns it off). Raises
     ``CacheNotRepeatable`` for a cache whose rows cannot be repeated."""
     extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
@@ -143,7 +145,8 @@ def prefill(model, ids: torch.Tensor, mask: torch.Tensor, counts: torch.Tensor, 
         return None
     if not repeatable_cache(cache):
         raise CacheNotRepeatable(cache)
-    cache.batch_repeat_interleave(counts)  # torch.repeat_interleave takes per-row counts
+    if counts is not None:
+        cache.batch_repeat_interleave(counts)  # torch.repeat_interleave takes per-row counts
     return cache
 
 
@@ -347,9 +350,60 @@ def _reserved_layer_class(base):
 
 
 @torch.no_grad()
+def prefix_decoding_problem(model, vocab: int) -> Optional[str]:
+    """Why decoding over an ``attention.PrefixKV`` differs, for ``model`` (switched to ``attention.NAME``),
+    from decoding over the prompt cache repeated for each row, on a small made-up batch (two prompts, one
+    left-padded, with 2 and 3 completions, three steps, a row dropped after the second); None when the
+    logits agree up to rounding, or when the model returns no cache (nothing to share)."""
+    gen = torch.Generator().manual_seed(0)
+    dev = next(model.parameters()).device
+    cache_kw = cache_argument(model)
+    ids = torch.randint(1, vocab, (2, 6), generator=gen).to(dev)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    counts = torch.tensor([2, 3], device=dev)
+    rows, row_mask = ids.repeat_interleave(counts, dim=0), mask.repeat_interleave(counts, dim=0)
+    fed = torch.randint(1, vocab, (5, 2), generator=gen).to(dev)
+    keep_one = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+
+    def decode(structured: bool) -> Optional[list[torch.Tensor]]:
+        cache = prefill(model, ids[:, :-1], mask[:, :-1], None if structured else counts, cache_kw)
+        if cache is None:
+            return None
+        prefix = attention.PrefixKV(cache, mask[:, :-1], counts) if structured else None
+        cache = None if structured else cache
+        inp, attn, pos, nxt = rows[:, -1:], row_mask, position_ids(row_mask)[:, -1:], fed
+        out = []
+        for t in range(3):
+            kw = {cache_kw: cache} if cache is not None else {}
+            o = model(input_ids=inp, attention_mask=None if structured else attn, position_ids=pos, use_cache=True,
+                      **kw, **({"prefix": prefix} if structured else {}), **keep_one)
+            cache = getattr(o, cache_kw)
+            out.append(o.logits[:, -1].float())
+            if t == 1:  # row 1 finishes
+                live = torch.tensor([0, 2, 3, 4], device=dev)
+                cache.batch_select_indices(live)
+                if prefix is not None:
+                    prefix.select(live)
+                attn, pos, nxt = attn[live], pos[live], nxt[live]
+            inp = nxt[:, t:t + 1]
+            attn, pos = torch.cat([attn, attn.new_ones(attn.shape[0], 1)], dim=1), pos + 1
+        return out
+
+    plain = decode(False)
+    if plain is None:
+        return None
+    structured = decode(True)
+    err = max(float((a - b).abs().max()) for a, b in zip(structured, plain))
+    scale = 1.0 + max(float(b.abs().max()) for b in plain)
+    tol = 1e-4 if next(model.parameters()).dtype == torch.float32 else 3e-2
+    return None if err <= tol * scale else f"its logits differ from the repeated cache's by {err:.3g}"
+
+
+@torch.no_grad()
 def sample(model, ids: torch.Tensor, mask: torch.Tensor, *, cache, cache_kw: str, max_new_tokens: int,
            eos: list[int], pad: int, do_sample: bool, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-           drop_finished: bool = True, stop=None, with_logps: bool = False):
+           drop_finished: bool = True, stop=None, with_logps: bool = False, prefix=None):
     """Completion ids [N, T <= max_new_tokens] for the left-padded prompts ``ids``/``mask`` [N, P], padded
     with ``pad`` after each row's first EOS: the decoding loop over the model's KV cache.
 
@@ -366,6 +420,10 @@ def sample(model, ids: torch.Tensor, mask: torch.Tensor, *, cache, cache_kw: str
     ``with_logps``: also return the log-prob [N, T] fp32 of each chosen token under the distribution it
     was drawn from (``warp_logits``: temperature, top-k, top-p), from the logits the loop has anyway; 0
     after a row's EOS. The trainer compares them with its own (importance sampling, off-policy mask).
+
+    ``prefix``: an ``attention.PrefixKV`` holding the prompts' keys and values (all prompt tokens but the
+    last) once per group, for a model switched to ``attention.NAME``; ``cache`` is then None and the
+    loop's own cache holds only the completions.
     """
     N = ids.shape[0]
     out = ids.new_full((N, max_new_tokens), pad)
@@ -375,12 +433,17 @@ def sample(model, ids: torch.Tensor, mask: torch.Tensor, *, cache, cache_kw: str
     eos_t = torch.tensor(eos, device=ids.device)
     keep_one = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
     seq, attn = ids, mask
-    inp, pos = (ids, position_ids(mask)) if cache is None else (ids[:, -1:], position_ids(mask)[:, -1:])
+    after_prompt = cache is not None or prefix is not None
+    inp, pos = (ids[:, -1:], position_ids(mask)[:, -1:]) if after_prompt else (ids, position_ids(mask))
+    structured = {"prefix": prefix} if prefix is not None else {}
     droppable = None  # whether rows can leave this model's cache, decided at the first step
     steps = 0
     for steps in range(1, max_new_tokens + 1):
         step_cache = {cache_kw: cache} if cache is not None else {}
-        o = model(input_ids=inp, attention_mask=attn, position_ids=pos, use_cache=True, **step_cache, **keep_one)
+        # with a prefix the attention needs no mask (a row sees its prompt by the prefix's mask, and all of
+        # its own completion)
+        o = model(input_ids=inp, attention_mask=None if prefix is not None else attn, position_ids=pos,
+                  use_cache=True, **step_cache, **structured, **keep_one)
         cache = getattr(o, cache_kw, None)
         if droppable is None:
             droppable = drop_finished and (cache is None or repeatable_cache(cache))
@@ -406,6 +469,8 @@ def sample(model, ids: torch.Tensor, mask: torch.Tensor, *, cache, cache_kw: str
             seq = seq[live]
             if cache is not None:
                 cache.batch_select_indices(live)
+            if prefix is not None:
+                prefix.select(live)
         attn = torch.cat([attn, attn.new_ones(attn.shape[0], 1)], dim=1)
         pos = pos[:, -1:] + 1
         if cache is None:  # a model without a KV cache: the whole sequence again
@@ -449,13 +514,18 @@ def generate(model, tokenizer, prompts: list[str], *, max_prompt_length: Optiona
         counts = run_lengths(new_run).to(device)
         first = (counts.cumsum(0) - counts).tolist()
         ids, mask = tokenize_prompts(tokenizer, [chunk[i] for i in first], max_prompt_length, device)
-        cache = None
+        cache = prefix = None
         if share_prompt and len(first) < len(chunk) and ids.shape[1] > 1:
-            cache = prefill(model, ids[:, :-1], mask[:, :-1], counts, cache_kw)  # each distinct prompt once
+            if attention.enabled(model):  # each distinct prompt once, and its keys and values held once
+                cache = prefill(model, ids[:, :-1], mask[:, :-1], None, cache_kw)
+                prefix, cache = (attention.PrefixKV(cache, mask[:, :-1], counts), None) if cache is not None else \
+                    (None, None)
+            if prefix is None:  # each distinct prompt once, its cache repeated for its completions
+                cache = prefill(model, ids[:, :-1], mask[:, :-1], counts, cache_kw)
         ids, mask = ids.repeat_interleave(counts, dim=0), mask.repeat_interleave(counts, dim=0)
         completion = sample(model, ids, mask, cache=cache, cache_kw=cache_kw, max_new_tokens=max_new_tokens,
                             eos=eos, pad=pad, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-                            stop=stop, with_logps=with_logps)
+                            stop=stop, with_logps=with_logps, prefix=prefix)
         completion, logps = completion if with_logps else (completion, None)
         parts.append((ids, mask, completion, logps))
     model.train(was_training)

@@ -25,13 +25,13 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from grpo_scale import checkpoint as ckpt
-from grpo_scale import dynamic, engines, lora, packing, portable, preemption, reward_timeout
+from grpo_scale import attention, dynamic, engines, lora, packing, portable, preemption, reward_timeout
 from grpo_scale.reward_timeout import RewardTimeout
 from grpo_scale.config import ConfigError, GRPOConfig, adapter_base, is_adapter_dir
 from grpo_scale.rewards import call_reward, check_reward_columns, compute_rewards, get_reward_funcs
 from grpo_scale.rollout import (CacheNotRepeatable, Rollout, cache_argument, can_share_prompt,
                                 few_row_linears, full_inputs, group_advantages, linear, pad_cat, pad_id,
-                                shared_prompt_inputs)
+                                prefix_decoding_problem, shared_prompt_inputs)
 from grpo_scale.tasks import ProblemStream, make_eval_set
 from grpo_scale.tasks.prompts import is_conversational, open_reply, render_messages
 
@@ -320,6 +320,7 @@ class GRPOTrainer:
                 logger.warning(warning)
         self.entropy_control = {"coef": self.cfg.entropy_coef, "last_entropy": None}  # None: not measured yet
         self.step_spec = self.loss_spec
+        self.structured_attention = self._structured_attention_fits()
         self.padding_free = self.cfg.padding_free and self._packing_fits()
         if self.loss_impl == "fused_linear":
             import types
@@ -881,6 +882,33 @@ class GRPOTrainer:
         inputs, keep = self._inputs(model, rb, decoder)
         hidden = decoder(**inputs).last_hidden_state[:, -keep:]
         return hidden[:, :rb.completion_ids.shape[1]], inner.get_output_embeddings()
+
+    def _structured_attention_fits(self) -> bool:
+        """Switches the policy and the reference model to ``attention.NAME`` (a group's prompt held once in
+        decoding) where the architecture allows it, and checks on a small made-up batch that decoding gives
+        the logits of the repeated cache; off with a warning where it does not."""
+        inner = self.acc.unwrap_model(self.model)
+        if not attention.enable(inner):
+            return False
+        vocab = min(int(getattr(inner.config, "vocab_size", 0) or 1000), 1000)
+        was_training = inner.training
+        inner.eval()
+        try:
+            with self.gathered(self.model) as plain:
+                problem = prefix_decoding_problem(plain, vocab)
+        except Exception as e:  # noqa: BLE001 - any refusal means: keep plain sdpa for this model
+            problem = f"decoding with it raised {type(e).__name__}: {str(e)[:200]}"
+        finally:
+            inner.train(was_training)
+        fits = self._on_all_ranks(problem is None)
+        if not fits:
+            attention.disable(inner)
+            if self.acc.is_main_process:
+                logger.warning("structured attention: turned off for this model (%s); decoding repeats each "
+                               "prompt's cache for its completions", problem or "the check failed on another rank")
+        elif self.ref_model is not None:
+            attention.enable(self.ref_model)
+        return fits
 
     def _packing_fits(self) -> bool:
         """Whether the padding-free forward gives this model's padded-forward logits (up to rounding), on

@@ -1,0 +1,183 @@
+"""Attention that knows the structure of a GRPO batch, as a transformers attention implementation.
+
+A GRPO batch is groups of completions of one prompt. Two places compute attention over it with work
+that the structure makes unnecessary:
+
+- **Decoding over a shared prompt.** Each group's prompt is prefilled once, but a plain KV cache then
+  holds a copy of the prompt's keys and values for every completion, and every decoding step reads all
+  of the copies (on the embedded model, 8 completions per prompt: 8x the reads, and most of a step's
+  time). ``PrefixKV`` keeps the prompt's keys and values once per group; each step scores a group's
+  queries against them together (one matrix product per group) and each row's own completion keys
+  apart, with one softmax over both.
+
+Calls with neither structure are transformers' ``sdpa`` unchanged. The implementation is registered with
+transformers under ``NAME`` (``register``); ``enable`` switches a model to it, only for architectures
+whose every layer is plain full attention (no sliding window, no soft-capping, no attention sinks, no
+linear-attention layers), and the structured forms are asked for by keyword arguments of the model's
+forward, which transformers passes down to the attention function.
+
+Results equal the unstructured computation's up to rounding (``tests/test_attention.py``).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+NAME = "grpo_sdpa"
+
+
+def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """[B, Hkv, L, D] -> [B, Hkv * n_rep, L, D], each key/value head repeated for its query heads."""
+    if n_rep == 1:
+        return x
+    B, H, L, D = x.shape
+    return x[:, :, None].expand(B, H, n_rep, L, D).reshape(B, H * n_rep, L, D)
+
+
+class PrefixKV:
+    """The keys and values of each group's prompt, held once per group, for decoding its completions.
+
+    ``cache``: the prefill's transformers cache over the R distinct prompts (left-padded, without their
+    last token; each layer's keys/values [R, Hkv, P, D]); ``mask`` [R, P]: 1 at the prompt's real
+    positions; ``counts`` [R]: the completions of each prompt, whose rows follow one another in the
+    decoding batch. ``select(live)`` keeps the rows ``live`` (in order), as the decoding loop drops
+    finished rows."""
+
+    def __init__(self, cache, mask: torch.Tensor, counts: torch.Tensor):
+        layers = cache.layers
+        self.keys = [layer.keys for layer in layers]
+        self.values = [layer.values for layer in layers]
+        dtype = self.keys[0].dtype
+        self.bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+            ~mask.bool(), torch.finfo(dtype).min)[:, None, None, :]             # [R, 1, 1, P]
+        self.groups = mask.shape[0]
+        self.group = torch.repeat_interleave(torch.arange(self.groups, device=mask.device), counts.to(mask.device))
+        self._index()
+
+    def _index(self) -> None:
+        counts = torch.bincount(self.group, minlength=self.groups)
+        starts = counts.cumsum(0) - counts
+        self.width = max(int(counts.max()), 1) if self.group.numel() else 1
+        slot = torch.arange(self.group.numel(), device=self.group.device) - starts[self.group]
+        self.flat = self.group * self.width + slot     # each row's place in the [groups * width] layout
+
+    def select(self, live: torch.Tensor) -> None:
+        self.group = self.group[live]
+        self._index()
+
+    def _grouped(self, x: torch.Tensor, n_rep: int) -> torch.Tensor:
+        """Rows [B, H, T, X] -> [groups, Hkv, n_rep * width * T, X] (empty slots zero)."""
+        B, H, T, X = x.shape
+        out = x.new_zeros(self.groups * self.width, H, T, X)
+        out[self.flat] = x
+        return (out.view(self.groups, self.width, H // n_rep, n_rep, T, X).permute(0, 2, 3, 1, 4, 5)
+                .reshape(self.groups, H // n_rep, n_rep * self.width * T, X))
+
+    def _rows(self, x: torch.Tensor, n_rep: int, T: int) -> torch.Tensor:
+        """The inverse of ``_grouped``: [groups, Hkv, n_rep * width * T, X] -> rows [B, H, T, X]."""
+        G, Hkv, _, X = x.shape
+        x = x.view(G, Hkv, n_rep, self.width, T, X).permute(0, 3, 1, 2, 4, 5).reshape(G * self.width, Hkv * n_rep, T, X)
+        return x[self.flat]
+
+
+def prefix_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, prefix: PrefixKV,
+                     scaling: float, dropout: float = 0.0) -> torch.Tensor:
+    """Attention of ``query`` [B, H, T, D] over its group's prompt (``prefix``) and its own keys/values
+    [B, Hkv, S, D] (the completion so far; the last T are the queries' own, causal among themselves).
+    Returns [B, T, H, D] as transformers' attention functions do."""
+    B, H, T, D = query.shape
+    S = key.shape[2]
+    kp, vp = prefix.keys[module.layer_idx], prefix.values[module.layer_idx]
+    n_rep = H // kp.shape[1]
+    P = kp.shape[2]
+    # scores against the prompt: one product per group, over all of the group's queries
+    sp = torch.matmul(prefix._grouped(query, n_rep), kp.transpose(-1, -2)) * scaling + prefix.bias
+    sp = prefix._rows(sp, n_rep, T)                                            # [B, H, T, P]
+    k, v = _repeat_kv(key, n_rep), _repeat_kv(value, n_rep)
+    ss = torch.matmul(query, k.transpose(-1, -2)) * scaling                    # [B, H, T, S]
+    if T > 1:  # query i sits at position S - T + i of the completion
+        hidden = torch.ones(T, S, dtype=torch.bool, device=query.device).triu(S - T + 1)
+        ss = ss.masked_fill(hidden, torch.finfo(ss.dtype).min)
+    w = torch.cat([sp, ss], dim=-1).softmax(-1, dtype=torch.promote_types(query.dtype, torch.float32)).to(query.dtype)
+    if dropout:
+        w = torch.nn.functional.dropout(w, p=dropout, training=module.training)
+    wp, ws = w.split([P, S], dim=-1)
+    out = prefix._rows(torch.matmul(prefix._grouped(wp, n_rep), vp), n_rep, T) + torch.matmul(ws, v)
+    return out.transpose(1, 2).contiguous()
+
+
+def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: Optional[float] = None,
+              prefix: Optional[PrefixKV] = None, **kwargs):
+    """The registered implementation: a structured form when its keyword argument is given, else sdpa."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if prefix is not None:
+        _structured_ok(kwargs)
+        scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+        return prefix_attention(module, query, key, value, prefix, scaling, dropout), None
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  **kwargs)
+
+
+def _structured_ok(kwargs: dict) -> None:
+    if kwargs.get("sliding_window") is not None or kwargs.get("s_aux") is not None or kwargs.get("softcap"):
+        raise ValueError("grpo_scale.attention: the structured attention does not support sliding windows, "
+                         "attention sinks or soft-capping; this model should not have been switched to it")
+
+
+_REGISTERED = False
+
+
+def register() -> None:
+    """Registers ``NAME`` with transformers (attention function, and sdpa's masks)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    AttentionInterface.register(NAME, attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
+    _REGISTERED = True
+
+
+def supported(config) -> Optional[str]:
+    """None when a model with this transformers config can use ``NAME``, else why not."""
+    impl = getattr(config, "_attn_implementation", None)
+    if impl not in ("sdpa", NAME):
+        return f"its attention implementation is {impl!r} (sdpa is needed)"
+    types = getattr(config, "layer_types", None)
+    if types is not None and any(t != "full_attention" for t in types):
+        return "it has layers other than full attention (" + ", ".join(sorted(set(types))) + ")"
+    if types is None and getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
+        return "it uses a sliding window"
+    for name in ("attn_logit_softcapping", "attention_chunk_size"):
+        if getattr(config, name, None):
+            return f"its config sets {name}"
+    if getattr(config, "is_encoder_decoder", False):
+        return "it is an encoder-decoder model"
+    return None
+
+
+def enable(model) -> bool:
+    """Switches ``model`` (a transformers model, or a peft or DeepSpeed wrapper of one) to ``NAME`` when
+    ``supported``; returns whether it uses it."""
+    inner = getattr(model, "module", model)
+    config = getattr(inner, "config", None)
+    if config is None or supported(config) is not None:
+        return False
+    register()
+    config._attn_implementation = NAME
+    return True
+
+
+def disable(model) -> None:
+    """Back to plain sdpa (the model behaves as before ``enable``)."""
+    config = getattr(getattr(model, "module", model), "config", None)
+    if config is not None and getattr(config, "_attn_implementation", None) == NAME:
+        config._attn_implementation = "sdpa"
+
+
+def enabled(model) -> bool:
+    config = getattr(getattr(model, "module", model), "config", None)
+    return getattr(config, "_attn_implementation", None) == NAME
