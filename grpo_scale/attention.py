@@ -10,6 +10,13 @@ that the structure makes unnecessary:
   queries against them together (one matrix product per group) and each row's own completion keys
   apart, with one softmax over both.
 
+- **Packed rows** (``packing``: a micro-batch's prompts and completions in rows without padding). A
+  dense mask over a packed row scores every query against every key of the row, though a completion
+  sees only its prompt and itself: attention grows with the row's length squared, so rows were kept
+  short and padded. ``Segments`` runs each sequence's attention on its own keys: each prompt causally
+  over itself, each completion over its prompt and causally over itself (completions of similar length
+  batched together), so that the whole micro-batch can be one row with no padding at all.
+
 Calls with neither structure are transformers' ``sdpa`` unchanged. The implementation is registered with
 transformers under ``NAME`` (``register``); ``enable`` switches a model to it, only for architectures
 whose every layer is plain full attention (no sliding window, no soft-capping, no attention sinks, no
@@ -107,14 +114,112 @@ def prefix_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
     return out.transpose(1, 2).contiguous()
 
 
+# The packed forward's completions are batched by length: at most this many batches, so that padding a
+# completion to the longest of its batch wastes little and the calls stay few.
+MAX_BUCKETS = 4
+
+
+class Segments:
+    """Which keys each query of packed rows attends to, as index tensors built once per forward.
+
+    ``units``: per unit, (flat position of its prompt's first token, prompt length, [(flat position of a
+    completion's first token, its length), ...]), flat positions counting over the rows ([R * L]); a
+    prompt token attends to its prompt's earlier tokens, a completion token to its whole prompt and its
+    completion's earlier tokens. ``total``: R * L; positions in no unit (a row's padding) get output 0."""
+
+    def __init__(self, units: list[tuple[int, int, list[tuple[int, int]]]], total: int, device):
+        P = max(p for _, p, _ in units)
+        self.prompt_index = torch.zeros(len(units), P, dtype=torch.long)   # [U, P], left-aligned
+        self.prompt_valid = torch.zeros(len(units), P, dtype=torch.bool)
+        completions = []  # (unit, start, length)
+        for u, (start, plen, comps) in enumerate(units):
+            self.prompt_index[u, :plen] = torch.arange(start, start + plen)
+            self.prompt_valid[u, :plen] = True
+            completions += [(u, c, n) for c, n in comps if n > 0]
+        order = []  # positions in the concatenated outputs: prompts first, then each batch of completions
+        order.append(self.prompt_index[self.prompt_valid])
+        self.buckets = []
+        for part in _buckets(sorted(completions, key=lambda x: x[2]), P):
+            N = max(n for _, _, n in part)
+            units_of = torch.tensor([u for u, _, _ in part])
+            Pb = int(self.prompt_valid[units_of].sum(1).max())
+            index = torch.zeros(len(part), N, dtype=torch.long)
+            valid = torch.zeros(len(part), N, dtype=torch.bool)
+            for i, (_, c, n) in enumerate(part):
+                index[i, :n] = torch.arange(c, c + n)
+                valid[i, :n] = True
+            keys = torch.cat([self.prompt_index[units_of, :Pb], index], dim=1)   # [C, Pb + N]
+            own = torch.ones(N, N, dtype=torch.bool).tril()
+            mask = torch.cat([self.prompt_valid[units_of, :Pb][:, None, :].expand(-1, N, -1),
+                              own.expand(len(part), -1, -1) & valid[:, None, :]], dim=2)
+            self.buckets.append((index.to(device), valid.to(device), keys.to(device), mask[:, None].to(device)))
+            order.append(index[valid])
+        order = torch.cat(order)
+        # the inverse: flat position -> its row in the concatenated outputs (one past the end: a zero row)
+        self.inverse = torch.full((total,), len(order), dtype=torch.long)
+        self.inverse[order] = torch.arange(len(order))
+        self.inverse = self.inverse.to(device)
+        self.prompt_index, self.prompt_valid = self.prompt_index.to(device), self.prompt_valid.to(device)
+
+
+def _buckets(completions: list[tuple[int, int, int]], prompt: int) -> list[list[tuple[int, int, int]]]:
+    """Completions sorted by length, cut into at most MAX_BUCKETS runs that minimise the padded work (each
+    run padded to its longest; a completion's work ~ its padded length x (prompt + padded length))."""
+    n = len(completions)
+    if n == 0:
+        return []
+    lengths = [x[2] for x in completions]
+
+    def cost(i, j):  # completions i..j-1 in one batch
+        N = lengths[j - 1]
+        return (j - i) * N * (prompt + N)
+    best = {(0, 0): (0.0, [])}  # (cuts made, end) -> (cost, cut positions)
+    for k in range(1, MAX_BUCKETS + 1):
+        for j in range(1, n + 1):
+            options = [(best[(k - 1, i)][0] + cost(i, j), best[(k - 1, i)][1] + [j])
+                       for i in range(j) if (k - 1, i) in best]
+            if options:
+                best[(k, j)] = min(options, key=lambda o: o[0])
+    _, cuts = min((best[(k, n)] for k in range(1, MAX_BUCKETS + 1) if (k, n) in best), key=lambda o: o[0])
+    return [completions[a:b] for a, b in zip([0] + cuts[:-1], cuts)]
+
+
+def segment_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, segments: Segments,
+                      scaling: float, dropout: float = 0.0) -> torch.Tensor:
+    """Attention of packed rows ``query`` [R, H, L, D] over ``key``/``value`` [R, Hkv, L, D] within each
+    sequence (``segments``). Returns [R, L, H, D] as transformers' attention functions do."""
+    R, H, L, D = query.shape
+    n_rep = H // key.shape[1]
+    q = query.transpose(1, 2).reshape(R * L, H, D)
+    k = key.transpose(1, 2).reshape(R * L, -1, D)
+    v = value.transpose(1, 2).reshape(R * L, -1, D)
+    drop = dropout if module.training else 0.0
+
+    def attend(qi, ki, mask=None):  # index tensors [n, m] -> outputs [n, m, H, D]
+        Q = q[qi].transpose(1, 2)
+        K, V = (_repeat_kv(t[ki].transpose(1, 2), n_rep) for t in (k, v))
+        out = torch.nn.functional.scaled_dot_product_attention(Q, K, V, attn_mask=mask, dropout_p=drop,
+                                                               is_causal=mask is None, scale=scaling)
+        return out.transpose(1, 2)
+
+    # prompts: left-aligned, so causal attention never lets a real token see the padding after it
+    outs = [attend(segments.prompt_index, segments.prompt_index)[segments.prompt_valid]]
+    for index, valid, keys, mask in segments.buckets:
+        outs.append(attend(index, keys, mask)[valid])
+    outs.append(q.new_zeros(1, H, D))
+    return torch.cat(outs)[segments.inverse].view(R, L, H, D)
+
+
 def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: Optional[float] = None,
-              prefix: Optional[PrefixKV] = None, **kwargs):
+              prefix: Optional[PrefixKV] = None, segments: Optional[Segments] = None, **kwargs):
     """The registered implementation: a structured form when its keyword argument is given, else sdpa."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if prefix is not None:
+    if prefix is not None or segments is not None:
         _structured_ok(kwargs)
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+        if segments is not None:
+            return segment_attention(module, query, key, value, segments, scaling, dropout), None
         return prefix_attention(module, query, key, value, prefix, scaling, dropout), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   **kwargs)

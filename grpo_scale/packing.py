@@ -36,9 +36,15 @@ class Packed:
     attention_mask: torch.Tensor  # [R, 1, L, L] additive: 0 where a query may attend, the dtype's minimum elsewhere
     index: torch.Tensor           # [N, T] long, into the flattened [R * L] positions
     real_tokens: int              # tokens that are not padding (prompt copies included)
+    # with ``segments``: the sequences for attention.Segments (attention_mask is then a stand-in of
+    # the right shape that costs no memory: transformers passes a 4D mask through untouched)
+    segments: Optional[object] = None
 
     def inputs(self) -> dict:
-        return {"input_ids": self.input_ids, "position_ids": self.position_ids, "attention_mask": self.attention_mask}
+        out = {"input_ids": self.input_ids, "position_ids": self.position_ids, "attention_mask": self.attention_mask}
+        if self.segments is not None:
+            out["segments"] = self.segments
+        return out
 
     def gather(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, T, H] of the decoder's output [R, L, H]: the outputs that predict the completion tokens."""
@@ -111,12 +117,15 @@ def layout(sizes: list[int], cost_per_key: float) -> list[list[int]]:
 
 def pack(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
          attention_mask: torch.Tensor, runs: Optional[list[int]], cost_per_key: float,
-         dtype: torch.dtype) -> Optional[Packed]:
+         dtype: torch.dtype, segments: bool = False) -> Optional[Packed]:
     """The packed forward's inputs for N left-padded prompts [N, P] and right-padded completions [N, T]
     (``attention_mask``: 1 for each completion's real tokens, a prefix of its row). ``runs``: lengths of
     the runs of consecutive rows that share a prompt (one unit per run, or several when that costs less),
     or None for one prompt copy per completion. ``cost_per_key``: see ``key_cost`` (0: everything in one
-    row, a group in one unit). None when some prompt is empty (nothing would predict its first token)."""
+    row, a group in one unit). None when some prompt is empty (nothing would predict its first token).
+    ``segments``: for a model switched to ``attention.NAME``: no dense mask; attention kept within each
+    sequence by ``attention.Segments`` (pass cost_per_key 0: attention no longer grows with a row's length
+    squared, so one row without padding is best)."""
     N, T = completion_ids.shape
     device = completion_ids.device
     prompt_lengths = prompt_mask.sum(1).tolist()
@@ -136,6 +145,7 @@ def pack(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: to
     segment = torch.zeros(R, L, dtype=torch.long)
     index = torch.zeros(N, T, dtype=torch.long)
     p_ids, c_ids = prompt_ids.cpu(), completion_ids.cpu()
+    spans = []  # per unit: (flat start of its prompt, prompt length, [(flat start, length) of each completion])
     for b, members in enumerate(bins):
         at = 0
         for u in members:
@@ -145,6 +155,7 @@ def pack(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: to
             pos[b, at:at + P] = torch.arange(P)
             unit_id[b, at:at + P] = u
             last_prompt = b * L + at + P - 1
+            spans.append((b * L + at, P, []))
             at += P
             for k, r in enumerate(rows, start=1):
                 n = max(lengths[r] - 1, 0)
@@ -154,7 +165,13 @@ def pack(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: to
                 segment[b, at:at + n] = k
                 index[r] = last_prompt
                 index[r, 1:n + 1] = torch.arange(b * L + at, b * L + at + n)
+                spans[-1][2].append((b * L + at, n))
                 at += n
+    if segments:
+        from grpo_scale.attention import Segments
+        stand_in = torch.zeros(1, 1, 1, 1, dtype=dtype, device=device).expand(R, 1, L, L)
+        return Packed(ids.to(device), pos.to(device), stand_in, index.to(device), sum(sizes),
+                      Segments(spans, R * L, device))
     same_unit = unit_id.unsqueeze(2) == unit_id.unsqueeze(1)               # [R, Lq, Lk]
     k_seg, q_seg = segment.unsqueeze(1), segment.unsqueeze(2)
     visible = same_unit & ((k_seg == 0) | (k_seg == q_seg)) & torch.ones(L, L, dtype=torch.bool).tril()

@@ -321,6 +321,7 @@ class GRPOTrainer:
         self.entropy_control = {"coef": self.cfg.entropy_coef, "last_entropy": None}  # None: not measured yet
         self.step_spec = self.loss_spec
         self.structured_attention = self._structured_attention_fits()
+        self.packed_segments = self.structured_attention  # packed rows' attention by index, not a dense mask
         self.padding_free = self.cfg.padding_free and self._packing_fits()
         if self.loss_impl == "fused_linear":
             import types
@@ -846,17 +847,23 @@ class GRPOTrainer:
         """rb packed for a padding-free forward (``padding_free``), or None for the padded one."""
         if not self.padding_free:
             return None
-        inner = self.acc.unwrap_model(model)
-        packed = packing.pack(rb.prompt_ids, rb.prompt_mask, rb.completion_ids, rb.attention_mask,
-                              rb.prompt_runs().tolist() if self.share_prompt else None,
-                              packing.key_cost(inner.config),
-                              dtype=inner.get_input_embeddings().weight.dtype)
+        packed = self._pack(self.acc.unwrap_model(model), rb)
         if model is self.model and self.zero_stage == 3:
             # The packed forward calls the decoder and the lm_head, the padded one the engine: under ZeRO-3
             # every rank must take the same path (their parameter gathers pair up).
             if not self._on_all_ranks(packed is not None):
                 return None
         return packed
+
+    def _pack(self, inner, rb: Rollout, cost_per_key: Optional[float] = None) -> Optional[packing.Packed]:
+        """rb packed for ``inner`` (the plain model): with structured attention one row, attention kept within
+        each sequence by index; otherwise rows laid out by the dense mask's cost model."""
+        segments = self.packed_segments and attention.enabled(inner)
+        if cost_per_key is None:
+            cost_per_key = 0.0 if segments else packing.key_cost(inner.config)
+        return packing.pack(rb.prompt_ids, rb.prompt_mask, rb.completion_ids, rb.attention_mask,
+                            rb.prompt_runs().tolist() if self.share_prompt else None, cost_per_key,
+                            dtype=inner.get_input_embeddings().weight.dtype, segments=segments)
 
     def _logits(self, model, rb: Rollout) -> torch.Tensor:
         """Policy logits [N, T, V] for the completion positions only (no full-sequence logits)."""
@@ -915,7 +922,27 @@ class GRPOTrainer:
         a small made-up micro-batch: two prompts of different lengths, groups of two, completions of
         different lengths (one empty but its end). A model that ignores or refuses a 4D attention mask
         (flash-attention), or whose head does more than the output embedding (logit soft-capping), fails
-        it, and padding_free is turned off with a warning. Uses no global random state."""
+        it, and padding_free is turned off with a warning. With structured attention the packed rows are
+        checked with ``attention.Segments`` first, and with the dense mask where that differs. Uses no
+        global random state."""
+        if self.packed_segments:
+            problem = self._packing_problem()
+            if self._on_all_ranks(problem is None):
+                return True
+            self.packed_segments = False
+            if self.acc.is_main_process:
+                logger.warning("structured attention: packed rows use a dense mask for this model (%s)",
+                               problem or "the check failed on another rank")
+        problem = self._packing_problem()
+        fits = self._on_all_ranks(problem is None)
+        if not fits and self.acc.is_main_process:
+            logger.warning("padding_free: turned off for this model (%s); forwards run padded",
+                           problem or "the check failed on another rank")
+        return fits
+
+    def _packing_problem(self) -> Optional[str]:
+        """Why the packed forward's logits differ from the padded forward's on the made-up micro-batch of
+        ``_packing_fits``, or None."""
         gen = torch.Generator().manual_seed(0)
         inner = self.acc.unwrap_model(self.model)
         vocab = min(int(getattr(inner.config, "vocab_size", 0) or 1000), 1000)  # (ZeRO-3 shards the weights)
@@ -936,9 +963,7 @@ class GRPOTrainer:
         try:
             with torch.no_grad(), self.gathered(self.model) as plain:
                 padded = plain(**full_inputs(rb)).logits[:, -rb.completion_ids.shape[1] - 1:-1].float()
-                packed = packing.pack(rb.prompt_ids, rb.prompt_mask, rb.completion_ids, rb.attention_mask,
-                                      rb.prompt_runs().tolist() if self.share_prompt else None,
-                                      PROBE_KEY_COST, dtype=plain.get_input_embeddings().weight.dtype)
+                packed = self._pack(plain, rb, PROBE_KEY_COST)
                 hidden = packed.gather(plain.get_decoder()(**packed.inputs()).last_hidden_state)
                 logits = plain.get_output_embeddings()(hidden).float()
             active = rb.attention_mask.bool()
@@ -950,11 +975,7 @@ class GRPOTrainer:
             problem = f"the packed forward raised {type(e).__name__}: {str(e)[:200]}"
         finally:
             inner.train(was_training)
-        fits = self._on_all_ranks(problem is None)
-        if not fits and self.acc.is_main_process:
-            logger.warning("padding_free: turned off for this model (%s); forwards run padded",
-                           problem or "the check failed on another rank")
-        return fits
+        return problem
 
     @torch.no_grad()
     def _logps(self, model, rollout: Rollout) -> torch.Tensor:

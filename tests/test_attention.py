@@ -147,3 +147,48 @@ def test_the_check_finds_a_wrong_attention_and_the_trainer_turns_it_off(monkeypa
     assert any("structured attention: turned off" in r.getMessage() and "differ" in r.getMessage()
                for r in caplog.records)
     trainer.grpo_step(trainer.generate_and_score())  # and it trains
+
+
+@pytest.mark.parametrize("share, cost_per_key, n_rep", [(True, 0.0, 1), (True, 0.5, 3), (False, 0.2, 2)])
+def test_segment_attention_equals_the_dense_mask(share, cost_per_key, n_rep):
+    """Packed rows (one row, or several padded ones; prompts of several lengths; completions of one token,
+    which bring none, and of many): each sequence's attention by index equals sdpa under packing's dense
+    mask at every real position, forward and the gradients of queries, keys and values, in float64."""
+    from grpo_scale import packing
+    g = torch.Generator().manual_seed(int(cost_per_key * 10) + n_rep)
+    prompt_len = [5, 5, 5, 2, 2, 7, 7, 7, 7]
+    lengths = [3, 1, 9, 4, 2, 6, 1, 5, 12]
+    N, P, T = len(lengths), max(prompt_len), max(lengths)
+    prompt_mask = (torch.arange(P)[None] >= P - torch.tensor(prompt_len)[:, None]).long()
+    completion_mask = (torch.arange(T)[None] < torch.tensor(lengths)[:, None]).long()
+    ids = torch.randint(1, 50, (N, P), generator=g) * prompt_mask
+    comp = torch.randint(1, 50, (N, T), generator=g) * completion_mask
+    runs = [3, 2, 4] if share else None
+    dense = packing.pack(ids, prompt_mask, comp, completion_mask, runs, cost_per_key, torch.float64)
+    seg = packing.pack(ids, prompt_mask, comp, completion_mask, runs, cost_per_key, torch.float64, segments=True)
+    assert torch.equal(dense.input_ids, seg.input_ids) and torch.equal(dense.index, seg.index)
+    R, L = dense.input_ids.shape
+    Hkv, D = 2, 4
+    rnd = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_()
+    q, k, v = rnd(R, Hkv * n_rep, L, D), rnd(R, Hkv, L, D), rnd(R, Hkv, L, D)
+    ours = attention.segment_attention(Module(), q, k, v, seg.segments, scaling=0.3)
+    want = F.scaled_dot_product_attention(q, k.repeat_interleave(n_rep, 1), v.repeat_interleave(n_rep, 1),
+                                          attn_mask=dense.attention_mask, scale=0.3).transpose(1, 2)
+    real = (seg.segments.inverse < dense.real_tokens).view(R, L)  # padding points past the real outputs
+    assert int(real.sum()) == dense.real_tokens and (R == 1) == bool(real.all())
+    assert torch.allclose(ours[real], want[real], atol=1e-12, rtol=0)
+    assert (ours[~real] == 0).all()
+    w = torch.randn(want.shape, generator=g, dtype=torch.float64) * real[..., None, None]
+    grads = torch.autograd.grad((ours * w).sum(), (q, k, v))
+    wants = torch.autograd.grad((want * w).sum(), (q, k, v))
+    for name, a, b in zip("qkv", grads, wants):
+        assert torch.allclose(a, b, atol=1e-12, rtol=0), name
+
+
+def test_completions_are_batched_by_length():
+    from grpo_scale.attention import MAX_BUCKETS, _buckets
+    comps = [(0, i, n) for i, n in enumerate(sorted([1, 2, 2, 3, 30, 31, 33, 60, 64, 64, 5, 6]))]
+    parts = _buckets(comps, prompt=20)
+    assert 1 < len(parts) <= MAX_BUCKETS and sum(parts, []) == comps
+    assert [p[-1][2] for p in parts] == sorted({p[-1][2] for p in parts})
+    assert _buckets([], 5) == [] and _buckets(comps[:1], 5) == [comps[:1]]

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from grpo_scale import packing
+from grpo_scale import attention, packing
 from grpo_scale.rollout import Rollout, full_inputs, generate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,13 +93,15 @@ def model_and_tokenizer():
     return model, tok
 
 
-@pytest.mark.parametrize("share, cost_per_key", [(True, 0.01), (False, 0.0), (True, 1.0)])
-def test_packed_forward_matches_the_padded_forward(model_and_tokenizer, share, cost_per_key):
+@pytest.mark.parametrize("share, cost_per_key, segments", [(True, 0.01, False), (False, 0.0, False), (True, 1.0, False),
+                                                      (True, 0.0, True), (False, 0.5, True)])
+def test_packed_forward_matches_the_padded_forward(model_and_tokenizer, share, cost_per_key, segments):
     """float64: the outputs at every completion position and every parameter's gradient, for uneven runs
     of prompts and completions of different lengths: all in one row, spread over rows, groups split.
     Outputs agree to 1e-10. Gradients to 1e-6: the model's RMSNorm computes in float32 whatever its input,
     and a shared prompt's gradient goes through it once summed rather than once per completion (the
-    completion tokens' own gradients agree exactly)."""
+    completion tokens' own gradients agree exactly). ``segments``: attention within each sequence by index
+    (attention.Segments, the model switched to attention.NAME) instead of the dense mask."""
     model, tok = model_and_tokenizer
     torch.manual_seed(1)
     ro = generate(model, tok, uneven_prompts(tok), max_prompt_length=None, max_new_tokens=16, do_sample=True,
@@ -111,7 +113,8 @@ def test_packed_forward_matches_the_padded_forward(model_and_tokenizer, share, c
     mask = ro.attention_mask.bool()
     runs = ro.prompt_runs().tolist() if share else None
     p = packing.pack(ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.attention_mask, runs, cost_per_key,
-                     torch.float64)
+                     torch.float64, segments=segments)
+    assert (p.segments is not None) == segments
     padded_tokens = ro.prompt_ids.numel() + ro.completion_ids.numel()
     assert p.real_tokens < padded_tokens and p.input_ids.numel() < padded_tokens
     model.train()
@@ -125,8 +128,13 @@ def test_packed_forward_matches_the_padded_forward(model_and_tokenizer, share, c
         (logits * weights * mask.unsqueeze(-1)).sum().backward()
         return logits.detach()[mask], {n: q.grad.clone() for n, q in model.named_parameters() if q.grad is not None}
 
-    packed_out, packed_grads = outputs(True)
-    padded_out, padded_grads = outputs(False)
+    if segments:
+        assert attention.enable(model)
+    try:
+        packed_out, packed_grads = outputs(True)
+        padded_out, padded_grads = outputs(False)
+    finally:
+        attention.disable(model)
     model.eval()
     assert torch.allclose(packed_out, padded_out, atol=1e-10, rtol=1e-10)
     assert packed_grads.keys() == padded_grads.keys() and len(padded_grads) > 0
@@ -159,6 +167,7 @@ def test_padding_free_trains_the_same(tmp_path, extra):
     hook.remove()
     m_padded = padded.grpo_step(batch)
     assert calls and set(calls) == {4}, "the policy forward did not run packed"
+    assert packed.packed_segments, "the packed forward used the dense mask"
     for key in ("loss", "kl_mean", "entropy_mean", "grad_norm"):
         assert m_packed[key] == pytest.approx(m_padded[key], rel=1e-4, abs=1e-7), key
     assert torch.allclose(params_of(packed), params_of(padded), atol=5e-5)
