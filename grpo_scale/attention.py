@@ -34,6 +34,13 @@ import torch
 NAME = "grpo_sdpa"
 
 
+def stand_in_mask(rows: int, queries: int, keys: int, device, dtype=torch.float32) -> torch.Tensor:
+    """A 4D attention mask [rows, 1, queries, keys] of zeros held in one element (an expanded view), for
+    the forwards whose attention is structured: transformers passes a 4D mask to the attention function
+    as given (no mask is built), and the structured forms read none."""
+    return torch.zeros(1, 1, 1, 1, dtype=dtype, device=device).expand(rows, 1, queries, keys)
+
+
 def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     """[B, Hkv, L, D] -> [B, Hkv * n_rep, L, D], each key/value head repeated for its query heads."""
     if n_rep == 1:
@@ -68,6 +75,7 @@ class PrefixKV:
         self.width = max(int(counts.max()), 1) if self.group.numel() else 1
         slot = torch.arange(self.group.numel(), device=self.group.device) - starts[self.group]
         self.flat = self.group * self.width + slot     # each row's place in the [groups * width] layout
+        self.full = self.group.numel() == self.groups * self.width   # every slot filled: rows are the layout
 
     def select(self, live: torch.Tensor) -> None:
         self.group = self.group[live]
@@ -76,16 +84,19 @@ class PrefixKV:
     def _grouped(self, x: torch.Tensor, n_rep: int) -> torch.Tensor:
         """Rows [B, H, T, X] -> [groups, Hkv, n_rep * width * T, X] (empty slots zero)."""
         B, H, T, X = x.shape
-        out = x.new_zeros(self.groups * self.width, H, T, X)
-        out[self.flat] = x
-        return (out.view(self.groups, self.width, H // n_rep, n_rep, T, X).permute(0, 2, 3, 1, 4, 5)
+        if self.full:
+            out = x
+        else:
+            out = x.new_zeros(self.groups * self.width, H, T, X)
+            out[self.flat] = x
+        return (out.reshape(self.groups, self.width, H // n_rep, n_rep, T, X).permute(0, 2, 3, 1, 4, 5)
                 .reshape(self.groups, H // n_rep, n_rep * self.width * T, X))
 
     def _rows(self, x: torch.Tensor, n_rep: int, T: int) -> torch.Tensor:
         """The inverse of ``_grouped``: [groups, Hkv, n_rep * width * T, X] -> rows [B, H, T, X]."""
         G, Hkv, _, X = x.shape
         x = x.view(G, Hkv, n_rep, self.width, T, X).permute(0, 3, 1, 2, 4, 5).reshape(G * self.width, Hkv * n_rep, T, X)
-        return x[self.flat]
+        return x if self.full else x[self.flat]
 
 
 def prefix_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, prefix: PrefixKV,

@@ -168,10 +168,9 @@ def pack(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: to
                 spans[-1][2].append((b * L + at, n))
                 at += n
     if segments:
-        from grpo_scale.attention import Segments
-        stand_in = torch.zeros(1, 1, 1, 1, dtype=dtype, device=device).expand(R, 1, L, L)
-        return Packed(ids.to(device), pos.to(device), stand_in, index.to(device), sum(sizes),
-                      Segments(spans, R * L, device))
+        from grpo_scale.attention import Segments, stand_in_mask
+        return Packed(ids.to(device), pos.to(device), stand_in_mask(R, L, L, device, dtype), index.to(device),
+                      sum(sizes), Segments(spans, R * L, device))
     same_unit = unit_id.unsqueeze(2) == unit_id.unsqueeze(1)               # [R, Lq, Lk]
     k_seg, q_seg = segment.unsqueeze(1), segment.unsqueeze(2)
     visible = same_unit & ((k_seg == 0) | (k_seg == q_seg)) & torch.ones(L, L, dtype=torch.bool).tril()

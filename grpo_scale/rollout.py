@@ -234,8 +234,12 @@ def pad_id(tokenizer, model) -> int:
 # On a CPU, x @ W^T with a few rows x (a decoding step: one row per sequence) runs slower in the BLAS
 # than the same products as (W @ x^T)^T: SmolLM2-135M, 16 rows, 2 threads, its 49,152 x 576 head 61 vs
 # 29 ms, its 1536 x 576 MLP projection 0.54 vs 0.41 ms. With many rows (a training forward, a prefill)
-# the usual orientation is as fast or faster.
+# the usual orientation is as fast or faster, and so it is for small weights whatever the rows (the
+# embedded model's 512 x 128 projection at 64 rows, 1 thread: 88 us as x @ W^T, 105 us as (W @ x^T)^T;
+# SmolLM2's 192 x 576 ties): only layers with at least FEW_ROWS_MIN_WEIGHT weights switch. A fixed rule
+# rather than a timing at start-up, so that every process of a run (and its resumption) rounds alike.
 FEW_ROWS = 64
+FEW_ROWS_MIN_WEIGHT = 2 ** 17
 
 
 def linear(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -252,14 +256,15 @@ def _linear_forward(self, hidden):
     return linear(hidden, self.weight, self.bias)
 
 
-def few_row_linears(model: torch.nn.Module) -> int:
+def few_row_linears(model: torch.nn.Module, min_weight: int = FEW_ROWS_MIN_WEIGHT) -> int:
     """Every plain ``nn.Linear`` of ``model`` (not a subclass: quantized and adapter layers keep their own)
-    computes with ``linear``; a layer whose forward was already replaced keeps it. Returns how many. The
-    outputs are the same products, summed in another order."""
+    with at least ``min_weight`` weights computes with ``linear``; a layer whose forward was already
+    replaced keeps it. Returns how many. The outputs are the same products, summed in another order."""
     import types
     n = 0
     for module in model.modules():
-        if type(module) is torch.nn.Linear and "forward" not in module.__dict__:
+        if type(module) is torch.nn.Linear and "forward" not in module.__dict__ and \
+                module.weight.numel() >= min_weight:
             module.forward = types.MethodType(_linear_forward, module)
             n += 1
     return n
@@ -376,7 +381,8 @@ def prefix_decoding_problem(model, vocab: int) -> Optional[str]:
         out = []
         for t in range(3):
             kw = {cache_kw: cache} if cache is not None else {}
-            o = model(input_ids=inp, attention_mask=None if structured else attn, position_ids=pos, use_cache=True,
+            mask_now = attention.stand_in_mask(inp.shape[0], 1, t + 1, dev) if structured else attn
+            o = model(input_ids=inp, attention_mask=mask_now, position_ids=pos, use_cache=True,
                       **kw, **({"prefix": prefix} if structured else {}), **keep_one)
             cache = getattr(o, cache_kw)
             out.append(o.logits[:, -1].float())
@@ -441,9 +447,10 @@ def sample(model, ids: torch.Tensor, mask: torch.Tensor, *, cache, cache_kw: str
     for steps in range(1, max_new_tokens + 1):
         step_cache = {cache_kw: cache} if cache is not None else {}
         # with a prefix the attention needs no mask (a row sees its prompt by the prefix's mask, and all of
-        # its own completion)
-        o = model(input_ids=inp, attention_mask=None if prefix is not None else attn, position_ids=pos,
-                  use_cache=True, **step_cache, **structured, **keep_one)
+        # its own completion): a stand-in of the shape that costs nothing, which transformers passes through
+        mask_now = attn if prefix is None else attention.stand_in_mask(inp.shape[0], inp.shape[1], steps, attn.device)
+        o = model(input_ids=inp, attention_mask=mask_now, position_ids=pos, use_cache=True, **step_cache,
+                  **structured, **keep_one)
         cache = getattr(o, cache_kw, None)
         if droppable is None:
             droppable = drop_finished and (cache is None or repeatable_cache(cache))

@@ -87,7 +87,8 @@ def test_few_row_linears_and_the_reserved_cache_sample_the_same_tokens(setup):
     model, tok, ids, mask, eos = setup
     pad = tok.pad_token_id
     patched = copy.deepcopy(model)
-    assert few_row_linears(patched) == sum(type(m) is torch.nn.Linear for m in model.modules()) > 0
+    assert few_row_linears(copy.deepcopy(model)) == 0  # the embedded model's weights are all small
+    assert few_row_linears(patched, min_weight=0) == sum(type(m) is torch.nn.Linear for m in model.modules()) > 0
     kw = dict(temperature=1.4, top_k=30, top_p=0.95)
     torch.manual_seed(7)
     expected = hf_generate(model, ids, mask, eos, pad, do_sample=True, **kw)
