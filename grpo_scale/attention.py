@@ -139,30 +139,26 @@ class Segments:
     completion's earlier tokens. ``total``: R * L; positions in no unit (a row's padding) get output 0."""
 
     def __init__(self, units: list[tuple[int, int, list[tuple[int, int]]]], total: int, device):
-        P = max(p for _, p, _ in units)
-        self.prompt_index = torch.zeros(len(units), P, dtype=torch.long)   # [U, P], left-aligned
-        self.prompt_valid = torch.zeros(len(units), P, dtype=torch.bool)
-        completions = []  # (unit, start, length)
-        for u, (start, plen, comps) in enumerate(units):
-            self.prompt_index[u, :plen] = torch.arange(start, start + plen)
-            self.prompt_valid[u, :plen] = True
-            completions += [(u, c, n) for c, n in comps if n > 0]
-        order = []  # positions in the concatenated outputs: prompts first, then each batch of completions
-        order.append(self.prompt_index[self.prompt_valid])
+        starts = torch.tensor([start for start, _, _ in units])
+        plens = torch.tensor([plen for _, plen, _ in units])
+        P = int(plens.max())
+        self.prompt_valid = torch.arange(P)[None, :] < plens[:, None]                    # [U, P], left-aligned
+        self.prompt_index = (starts[:, None] + torch.arange(P)[None, :]) * self.prompt_valid
+        completions = sorted(((u, c, n) for u, (_, _, comps) in enumerate(units) for c, n in comps if n > 0),
+                             key=lambda x: x[2])
+        order = [self.prompt_index[self.prompt_valid]]  # outputs concatenated: prompts, then each batch
         self.buckets = []
-        for part in _buckets(sorted(completions, key=lambda x: x[2]), P):
-            N = max(n for _, _, n in part)
+        for part in _buckets(completions, P):
             units_of = torch.tensor([u for u, _, _ in part])
-            Pb = int(self.prompt_valid[units_of].sum(1).max())
-            index = torch.zeros(len(part), N, dtype=torch.long)
-            valid = torch.zeros(len(part), N, dtype=torch.bool)
-            for i, (_, c, n) in enumerate(part):
-                index[i, :n] = torch.arange(c, c + n)
-                valid[i, :n] = True
-            keys = torch.cat([self.prompt_index[units_of, :Pb], index], dim=1)   # [C, Pb + N]
+            cstart = torch.tensor([c for _, c, _ in part])
+            clen = torch.tensor([n for _, _, n in part])
+            N, Pb = int(clen.max()), int(plens[units_of].max())
+            valid = torch.arange(N)[None, :] < clen[:, None]                               # [C, N]
+            index = (cstart[:, None] + torch.arange(N)[None, :]) * valid
+            keys = torch.cat([self.prompt_index[units_of, :Pb], index], dim=1)              # [C, Pb + N]
             own = torch.ones(N, N, dtype=torch.bool).tril()
             mask = torch.cat([self.prompt_valid[units_of, :Pb][:, None, :].expand(-1, N, -1),
-                              own.expand(len(part), -1, -1) & valid[:, None, :]], dim=2)
+                              own[None] & valid[:, None, :]], dim=2)                       # [C, N, Pb + N]
             self.buckets.append((index.to(device), valid.to(device), keys.to(device), mask[:, None].to(device)))
             order.append(index[valid])
         order = torch.cat(order)
@@ -175,24 +171,30 @@ class Segments:
 
 def _buckets(completions: list[tuple[int, int, int]], prompt: int) -> list[list[tuple[int, int, int]]]:
     """Completions sorted by length, cut into at most MAX_BUCKETS runs that minimise the padded work (each
-    run padded to its longest; a completion's work ~ its padded length x (prompt + padded length))."""
+    run padded to its longest; a completion's work ~ its padded length x (prompt + padded length)): a
+    dynamic programme over the cut positions, one vectorised minimum per run."""
     n = len(completions)
     if n == 0:
         return []
-    lengths = [x[2] for x in completions]
-
-    def cost(i, j):  # completions i..j-1 in one batch
-        N = lengths[j - 1]
-        return (j - i) * N * (prompt + N)
-    best = {(0, 0): (0.0, [])}  # (cuts made, end) -> (cost, cut positions)
-    for k in range(1, MAX_BUCKETS + 1):
-        for j in range(1, n + 1):
-            options = [(best[(k - 1, i)][0] + cost(i, j), best[(k - 1, i)][1] + [j])
-                       for i in range(j) if (k - 1, i) in best]
-            if options:
-                best[(k, j)] = min(options, key=lambda o: o[0])
-    _, cuts = min((best[(k, n)] for k in range(1, MAX_BUCKETS + 1) if (k, n) in best), key=lambda o: o[0])
-    return [completions[a:b] for a, b in zip([0] + cuts[:-1], cuts)]
+    longest = torch.tensor([x[2] for x in completions], dtype=torch.float64)   # sorted: run i..j-1's longest is j-1's
+    i, j = torch.arange(n + 1)[:, None], torch.arange(n + 1)[None, :]
+    per_row = (longest * (prompt + longest))[(j - 1).clamp(min=0)]          # [1, n + 1]: the run ending at j
+    cost = torch.where(i < j, (j - i) * per_row, torch.tensor(float("inf"), dtype=torch.float64))
+    best = torch.full((n + 1,), float("inf"), dtype=torch.float64)
+    best[0] = 0.0
+    choices, finals = [], []
+    for _ in range(min(MAX_BUCKETS, n)):
+        total = best[:, None] + cost                                          # [from i, to j]
+        best, arg = total.min(dim=0)
+        choices.append(arg)
+        finals.append(float(best[n]))
+    runs = min(range(len(finals)), key=lambda r: finals[r]) + 1
+    cuts, end = [], n
+    for r in range(runs - 1, -1, -1):
+        cuts.append(end)
+        end = int(choices[r][end])
+    bounds = [0] + cuts[::-1]
+    return [completions[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def segment_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, segments: Segments,

@@ -722,7 +722,7 @@ class GRPOTrainer:
         outside a DeepSpeed engine has no hooks that gather its weights, so each of its forwards must run
         inside this block. The engine's hooks are off inside it, so its forwards there are local: ranks may
         run different numbers of them (decoding stops at each rank's last end-of-sequence)."""
-        engine, model = model, self.acc.unwrap_model(model)
+        engine, model = model, self._unwrap(model)
         if _partitioned(model):
             import deepspeed
             with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None), \
@@ -777,7 +777,7 @@ class GRPOTrainer:
     def _inputs(self, model, rb: Rollout, prefix_model) -> tuple[dict, int]:
         """(model inputs, how many of the last output positions to keep; the first T of those predict rb's
         T completion tokens) for the forward; shared-prompt inputs where the config allows."""
-        inner = self.acc.unwrap_model(model)
+        inner = self._unwrap(model)
         share = self.share_prompt and not (inner.training and getattr(inner, "is_gradient_checkpointing", False))
         if share and model is self.model and self.zero_stage == 3:
             # Every forward through the ZeRO-3 engine gathers parameters collectively, and a shared forward
@@ -847,13 +847,22 @@ class GRPOTrainer:
         """rb packed for a padding-free forward (``padding_free``), or None for the padded one."""
         if not self.padding_free:
             return None
-        packed = self._pack(self.acc.unwrap_model(model), rb)
+        packed = self._pack(self._unwrap(model), rb)
         if model is self.model and self.zero_stage == 3:
             # The packed forward calls the decoder and the lm_head, the padded one the engine: under ZeRO-3
             # every rank must take the same path (their parameter gathers pair up).
             if not self._on_all_ranks(packed is not None):
                 return None
         return packed
+
+    def _unwrap(self, model):
+        """``acc.unwrap_model(model)``, remembered per model: Accelerate looks up the installed packages on
+        every call (3 ms each, twice in each micro-batch)."""
+        cache = self.__dict__.setdefault("_unwrapped", {})
+        hit = cache.get(id(model))
+        if hit is None or hit[0] is not model:
+            hit = cache[id(model)] = (model, self.acc.unwrap_model(model))
+        return hit[1]
 
     def _pack(self, inner, rb: Rollout, cost_per_key: Optional[float] = None) -> Optional[packing.Packed]:
         """rb packed for ``inner`` (the plain model): with structured attention one row, attention kept within
@@ -881,7 +890,7 @@ class GRPOTrainer:
 
     def _hidden(self, model, rb: Rollout) -> tuple[torch.Tensor, torch.nn.Module]:
         """Last hidden states [N, T, H] of the completion positions, and the lm_head module."""
-        inner = self.acc.unwrap_model(model)
+        inner = self._unwrap(model)
         decoder = inner.get_decoder()
         packed = self._packed(model, rb)
         if packed is not None:

@@ -192,3 +192,19 @@ def test_completions_are_batched_by_length():
     assert 1 < len(parts) <= MAX_BUCKETS and sum(parts, []) == comps
     assert [p[-1][2] for p in parts] == sorted({p[-1][2] for p in parts})
     assert _buckets([], 5) == [] and _buckets(comps[:1], 5) == [comps[:1]]
+
+
+def test_the_batches_are_the_cheapest_cut():
+    """Against every way of cutting a sorted list into at most MAX_BUCKETS runs."""
+    import itertools
+
+    from grpo_scale.attention import MAX_BUCKETS, _buckets
+    g = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        lengths = sorted(torch.randint(1, 40, (int(torch.randint(1, 9, (1,), generator=g)),), generator=g).tolist())
+        comps = [(0, i, n) for i, n in enumerate(lengths)]
+        work = lambda parts: sum(len(p) * p[-1][2] * (9 + p[-1][2]) for p in parts)
+        best = min(work([comps[a:b] for a, b in zip((0,) + cut, cut + (len(comps),))])
+                   for k in range(min(MAX_BUCKETS, len(comps)))
+                   for cut in itertools.combinations(range(1, len(comps)), k))
+        assert work(_buckets(comps, 9)) == best, lengths
