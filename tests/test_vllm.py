@@ -280,6 +280,7 @@ def test_two_ranks_colocated_and_against_the_server(tiny_server, tmp_path):
                                      "--beta", "0.04"], launch="zero3")
 
 
+@pytest.mark.slow  # 80 s: the suite's vLLM tests run the embedded model; this one and the next use SmolLM2
 def test_colocated_vllm_on_smollm2(vllm_installed, tmp_path):
     _smollm2_or_skip()
     r = probe(tmp_path, "smollm2", ["--config", "configs/smollm2-135m-math.yaml", "--max_completion_length", "24",
