@@ -101,16 +101,18 @@ class _Fields:
     top_k: int = _f(0, "Top-k sampling (0: off).")
     mask_truncated_completions: bool = _f(False, "Exclude completions that hit max_completion_length without "
                                           "an end-of-sequence token from the loss.")
-    share_prompt: bool = _f(True, "Run each group's prompt once: generation prefills it once and copies its KV "
-                            "cache to the group's completions, and the policy, old and reference forwards do the "
-                            "same (the gradient flows through the shared pass). Same values as one full forward "
+    share_prompt: bool = _f(True, "Run each group's prompt once: generation prefills it once and decodes the "
+                            "group's completions over its keys and values held once (grpo_sdpa attention; its KV "
+                            "cache copied to each completion for other attention implementations), and the policy, "
+                            "old and reference forwards do the same (the gradient flows through the shared pass). Same values as one full forward "
                             "per completion, up to rounding (with dropout on, a group's prompt shares one mask). "
                             "Not applied under gradient_checkpointing; turned off, with a warning, for models whose "
                             "cache has more than keys and values (linear-attention, SSM, quantized caches).")
     padding_free: bool = _f(True, "Policy, old and reference forwards without padding: each micro-batch's prompts "
                             "and completions are packed into rows, positions restarting per sequence and attention "
-                            "kept within it by a 4D mask (with share_prompt, a group's prompt once per row; works "
-                            "under gradient_checkpointing too). Same values as the padded forward up to rounding; "
+                            "kept within it (by index in one row without padding with grpo_sdpa attention, else by "
+                            "a dense 4D mask; with share_prompt, a group's prompt once; works under "
+                            "gradient_checkpointing too). Same values as the padded forward up to rounding; "
                             "checked against it once at start, and turned off with a warning for a model where "
                             "they differ or that takes no 4D mask (flash-attention).")
 

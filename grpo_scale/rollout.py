@@ -497,8 +497,9 @@ def generate(model, tokenizer, prompts: list[str], *, max_prompt_length: Optiona
              stop=None, with_logps: bool = False) -> Rollout:
     """Sample (or greedily decode) one completion per prompt string.
 
-    With ``share_prompt``, consecutive copies of the same prompt (a GRPO group) are prefilled once and
-    their KV cache repeated for each copy (``CacheNotRepeatable`` when the model's cache cannot be).
+    With ``share_prompt``, consecutive copies of the same prompt (a GRPO group) are prefilled once, and
+    their keys and values held once (``attention.PrefixKV``, for a model switched to ``attention.NAME``)
+    or the cache repeated for each copy (``CacheNotRepeatable`` when the model's cache cannot be).
     Decoding is ``sample``: top-k 0 and top-p 1 are off.
 
     Completions stop at the first EOS; tokens after it are padding and masked out. With

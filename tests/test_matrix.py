@@ -199,6 +199,9 @@ def check_cell(out: Path, row, initial, initial_bf16, world: int = 2, groups_spa
         (name, recs[0]["offload"])
     assert recs[0]["loss_impl"] == impl, name
     assert recs[0]["padding_free"] == bool(packed), name  # on: the start-up check passed for this cell
+    # grpo_sdpa (attention.py) passed its start-up checks: decoding over each group's prompt held once, and
+    # packed rows' attention by index, under every launch, LoRA, checkpointing, bf16 and loss_impl
+    assert recs[0]["structured_attention"] and (recs[0]["packed_segments"] or not packed), name
     assert recs[0]["steps"] == 2 * (1 + iters) and recs[0]["history"], name
     for h in recs[0]["history"]:
         assert torch.isfinite(torch.tensor(h["loss"])), (name, h)
