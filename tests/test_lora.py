@@ -167,11 +167,13 @@ def test_resuming_with_other_lora_settings_is_refused(tmp_path):
             resumed.setup()
 
 
-def test_the_llama_lora_config_wraps_every_decoder_linear_and_not_the_tied_head():
-    """configs/llama-3.2-1b-math-lora.yaml on Llama's architecture (small, random, tied embeddings)."""
+@pytest.mark.parametrize("config", ["llama-3.2-1b-math-lora.yaml", "smollm2-135m-math-lora.yaml"])
+def test_the_llama_lora_configs_wrap_every_decoder_linear_and_not_the_tied_head(config):
+    """The LoRA configs of Llama-architecture models (Llama 3.2, SmolLM2) on Llama's architecture (small,
+    random, tied embeddings)."""
     from transformers import LlamaConfig, LlamaForCausalLM
-    cfg = load_config(["--config", str(ROOT / "configs" / "llama-3.2-1b-math-lora.yaml")])
-    assert cfg.use_peft and cfg.beta > 0
+    cfg = load_config(["--config", str(ROOT / "configs" / config)])
+    assert cfg.use_peft and cfg.lora_target_modules == ["all-linear"]
     model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=300,
                                          tie_word_embeddings=True))
