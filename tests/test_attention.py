@@ -208,3 +208,12 @@ def test_the_batches_are_the_cheapest_cut():
                    for k in range(min(MAX_BUCKETS, len(comps)))
                    for cut in itertools.combinations(range(1, len(comps)), k))
         assert work(_buckets(comps, 9)) == best, lengths
+
+
+def test_a_saved_model_does_not_name_the_implementation(tmp_path):
+    """final/ and checkpoints load anywhere: the switch to grpo_sdpa is not written into config.json."""
+    model = small_model("qwen2")
+    assert attention.enable(model)
+    model.save_pretrained(tmp_path)
+    assert "grpo_sdpa" not in (tmp_path / "config.json").read_text()
+    assert AutoModelForCausalLM.from_pretrained(tmp_path).config._attn_implementation != attention.NAME
