@@ -226,16 +226,14 @@ def segment_attention(module, query: torch.Tensor, key: torch.Tensor, value: tor
 def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: Optional[float] = None,
               prefix: Optional[PrefixKV] = None, segments: Optional[Segments] = None, **kwargs):
     """The registered implementation: a structured form when its keyword argument is given, else sdpa."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     if prefix is not None or segments is not None:
         _structured_ok(kwargs)
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
         if segments is not None:
             return segment_attention(module, query, key, value, segments, scaling, dropout), None
         return prefix_attention(module, query, key, value, prefix, scaling, dropout), None
-    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                  **kwargs)
+    return _SDPA(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                 **kwargs)
 
 
 def _structured_ok(kwargs: dict) -> None:
@@ -244,19 +242,20 @@ def _structured_ok(kwargs: dict) -> None:
                          "attention sinks or soft-capping; this model should not have been switched to it")
 
 
-_REGISTERED = False
+_SDPA = None  # transformers' sdpa attention function, set by ``register``
 
 
 def register() -> None:
     """Registers ``NAME`` with transformers (attention function, and sdpa's masks)."""
-    global _REGISTERED
-    if _REGISTERED:
+    global _SDPA
+    if _SDPA is not None:
         return
     from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
     AttentionInterface.register(NAME, attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
-    _REGISTERED = True
+    _SDPA = sdpa_attention_forward
 
 
 def supported(config) -> Optional[str]:

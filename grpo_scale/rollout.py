@@ -448,7 +448,7 @@ def sample(model, ids: torch.Tensor, mask: torch.Tensor, *, cache, cache_kw: str
         step_cache = {cache_kw: cache} if cache is not None else {}
         # with a prefix the attention needs no mask (a row sees its prompt by the prefix's mask, and all of
         # its own completion): a stand-in of the shape that costs nothing, which transformers passes through
-        mask_now = attn if prefix is None else attention.stand_in_mask(inp.shape[0], inp.shape[1], steps, attn.device)
+        mask_now = attn if prefix is None else attention.stand_in_mask(inp.shape[0], inp.shape[1], steps, inp.device)
         o = model(input_ids=inp, attention_mask=mask_now, position_ids=pos, use_cache=True, **step_cache,
                   **structured, **keep_one)
         cache = getattr(o, cache_kw, None)
@@ -478,7 +478,8 @@ def sample(model, ids: torch.Tensor, mask: torch.Tensor, *, cache, cache_kw: str
                 cache.batch_select_indices(live)
             if prefix is not None:
                 prefix.select(live)
-        attn = torch.cat([attn, attn.new_ones(attn.shape[0], 1)], dim=1)
+        if prefix is None:  # (a prefix step needs no mask)
+            attn = torch.cat([attn, attn.new_ones(attn.shape[0], 1)], dim=1)
         pos = pos[:, -1:] + 1
         if cache is None:  # a model without a KV cache: the whole sequence again
             seq = torch.cat([seq, nxt.unsqueeze(1)], dim=1)
@@ -525,10 +526,9 @@ def generate(model, tokenizer, prompts: list[str], *, max_prompt_length: Optiona
         cache = prefix = None
         if share_prompt and len(first) < len(chunk) and ids.shape[1] > 1:
             if attention.enabled(model):  # each distinct prompt once, and its keys and values held once
-                cache = prefill(model, ids[:, :-1], mask[:, :-1], None, cache_kw)
-                prefix, cache = (attention.PrefixKV(cache, mask[:, :-1], counts), None) if cache is not None else \
-                    (None, None)
-            if prefix is None:  # each distinct prompt once, its cache repeated for its completions
+                held = prefill(model, ids[:, :-1], mask[:, :-1], None, cache_kw)
+                prefix = attention.PrefixKV(held, mask[:, :-1], counts) if held is not None else None
+            else:  # each distinct prompt once, its cache repeated for its completions
                 cache = prefill(model, ids[:, :-1], mask[:, :-1], counts, cache_kw)
         ids, mask = ids.repeat_interleave(counts, dim=0), mask.repeat_interleave(counts, dim=0)
         completion = sample(model, ids, mask, cache=cache, cache_kw=cache_kw, max_new_tokens=max_new_tokens,

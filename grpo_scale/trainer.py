@@ -257,6 +257,7 @@ class GRPOTrainer:
                               "(see the README's 'Coming from TRL')")
         cfg = args if args is not None else GRPOConfig()
         self.model_object = None
+        self._unwrapped: dict = {}  # id(model) -> (model, acc.unwrap_model(model)), see _unwrap
         if model is not None:
             if isinstance(model, (str, os.PathLike)):
                 cfg.model_name_or_path = os.fspath(model)
@@ -858,10 +859,9 @@ class GRPOTrainer:
     def _unwrap(self, model):
         """``acc.unwrap_model(model)``, remembered per model: Accelerate looks up the installed packages on
         every call (3 ms each, twice in each micro-batch)."""
-        cache = self.__dict__.setdefault("_unwrapped", {})
-        hit = cache.get(id(model))
+        hit = self._unwrapped.get(id(model))
         if hit is None or hit[0] is not model:
-            hit = cache[id(model)] = (model, self.acc.unwrap_model(model))
+            hit = self._unwrapped[id(model)] = (model, self.acc.unwrap_model(model))
         return hit[1]
 
     def _pack(self, inner, rb: Rollout, cost_per_key: Optional[float] = None) -> Optional[packing.Packed]:
