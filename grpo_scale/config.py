@@ -243,6 +243,10 @@ class _Fields:
     seed: int = _f(42, "Seed of sampling, data order and initialisation.")
     cpu_threads: int = _f(0, "torch threads per process when training on CPU (0: cores / local processes). "
                           "Small models run fastest with 1.")
+    cpu_keep_freed_memory: bool = _f(True, "On CPU with glibc, keep freed memory in the process for reuse instead of "
+                                     "returning it to the system after every large tensor (mallopt; see "
+                                     "grpo_scale/cpu_memory.py): a step's activations then cost no page faults. "
+                                     "The peak resident memory is unchanged; false: glibc's defaults.")
     max_bad_steps: int = _f(5, "A step whose loss or gradient norm is not finite is skipped (no optimiser "
                             "update); after this many in a row the run saves a checkpoint and stops.")
 

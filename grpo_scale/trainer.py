@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from grpo_scale import checkpoint as ckpt
-from grpo_scale import attention, dynamic, engines, lora, packing, portable, preemption, reward_timeout
+from grpo_scale import attention, cpu_memory, dynamic, engines, lora, packing, portable, preemption, reward_timeout
 from grpo_scale.reward_timeout import RewardTimeout
 from grpo_scale.config import ConfigError, GRPOConfig, adapter_base, is_adapter_dir
 from grpo_scale.rewards import call_reward, check_reward_columns, compute_rewards, get_reward_funcs
@@ -396,6 +396,8 @@ class GRPOTrainer:
             # Idle OpenMP threads spin at barriers: oversubscribed cores stall small models for seconds.
             local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
             torch.set_num_threads(cfg.cpu_threads or max(1, (os.cpu_count() or 1) // local))
+            if cfg.cpu_keep_freed_memory:  # a step's activations reuse freed memory instead of page-faulting
+                cpu_memory.keep_freed_memory()
         set_seed(cfg.seed)
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                             level=logging.INFO if self.acc.is_main_process else logging.WARNING)
