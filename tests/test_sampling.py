@@ -10,7 +10,7 @@ from transformers.generation.logits_process import (TemperatureLogitsWarper, Top
                                                     TopPLogitsWarper)
 
 import grpo_scale
-from grpo_scale.rollout import cache_argument, eos_ids, sample, tokenize_prompts, warp_logits
+from grpo_scale.rollout import cache_argument, draw_top_k, eos_ids, sample, tokenize_prompts, warp_logits
 from grpo_scale.tasks import ProblemStream
 from grpo_scale.tasks.prompts import render_prompt
 
@@ -42,6 +42,41 @@ def test_warpers_match_transformers(temperature, top_k, top_p):
     assert torch.equal(torch.isinf(ours), torch.isinf(expected))
     assert torch.allclose(ours.softmax(-1), expected.softmax(-1), atol=1e-7)
     assert (~torch.isinf(ours)).sum(-1).min() >= 1
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 5, 1.0), (0.7, 12, 1.0), (1.3, 12, 0.8), (1.0, 1, 1.0)])
+def test_the_top_k_draw_follows_the_warped_distribution(temperature, top_k, top_p):
+    """draw_top_k's tokens over many draws: each row's frequencies match warp_logits' softmax (a chi-square
+    bound far above chance, far below a wrong distribution), tokens outside it never drawn, and the
+    returned log-probs are the warped distribution's."""
+    gen = torch.Generator().manual_seed(top_k)
+    base = torch.randn(3, 40, generator=gen) * 2
+    n = 20000
+    torch.manual_seed(0)
+    tokens, logp = draw_top_k(base.repeat_interleave(n, 0), temperature, top_k, top_p)
+    want = warp_logits(base, temperature, top_k, top_p).softmax(-1)                      # [3, 40]
+    assert torch.allclose(logp.exp(), want.repeat_interleave(n, 0).gather(1, tokens[:, None]).squeeze(1), atol=1e-6)
+    for r in range(3):
+        counts = torch.bincount(tokens[r * n:(r + 1) * n], minlength=40).double()
+        kept = want[r] > 0
+        assert counts[~kept].sum() == 0
+        expected = want[r][kept].double() * n
+        chi2 = float(((counts[kept] - expected) ** 2 / expected).sum())
+        assert chi2 < 3 * max(int(kept.sum()) - 1, 1) + 30, (r, chi2)
+    if top_k > 1:  # the wrong distribution (top-k without the temperature, or uniform over it) is caught
+        flat = torch.full_like(want[0], 0.0)
+        flat[want[0] > 0] = 1.0 / int((want[0] > 0).sum())
+        counts = torch.bincount(tokens[:n], minlength=40).double()
+        kept = flat > 0
+        assert float(((counts[kept] - flat[kept] * n) ** 2 / (flat[kept] * n)).sum()) > 200
+
+
+def test_the_top_k_draw_leaves_ties_and_the_full_vocabulary_to_warp_logits():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 1.0, 0.0], [3.0, 2.0, 1.5, 1.0, 0.0]])
+    assert draw_top_k(logits, 1.0, 3) is None        # row 0's third and fourth scores tie: both are kept
+    assert draw_top_k(logits, 1.0, 0) is None and draw_top_k(logits, 1.0, 5) is None
+    tokens, _ = draw_top_k(logits[1:], 1.0, 2)
+    assert int(tokens) in (0, 1)
 
 
 def hf_generate(model, ids, mask, eos, pad, **kw):

@@ -214,9 +214,12 @@ def test_shared_prompts_train_the_same(tmp_path):
 
 def test_gradient_checkpointing_uses_the_full_forward(tmp_path):
     """transformers turns the KV cache off under gradient checkpointing: the policy forward falls back."""
-    trainer = make_trainer(tmp_path, "--gradient_checkpointing", "true", "--max_steps", "1", "--temperature", "2.0")
+    # (seed 2: a batch whose rewards differ within a group, so that the step has a gradient)
+    trainer = make_trainer(tmp_path, "--gradient_checkpointing", "true", "--max_steps", "1", "--temperature", "2.0",
+                           "--seed", "2")
     before = params_of(trainer)
     batch = trainer.generate_and_score()
+    assert batch["advantages"].abs().sum() > 0, "every group's rewards are equal: pick another seed"
     # checkpointing recomputes each layer in the backward: two forwards of a layer per micro-batch (it is
     # silently off when the model is in eval mode, as from_pretrained leaves it)
     # (counted on a module inside the layer: the layer's own hooks stay outside the checkpoint)
