@@ -99,14 +99,15 @@ class PrefixKV:
         return x if self.full else x[self.flat]
 
 
-def prefix_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, prefix: PrefixKV,
+def prefix_attention(layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, prefix: PrefixKV,
                      scaling: float, dropout: float = 0.0) -> torch.Tensor:
-    """Attention of ``query`` [B, H, T, D] over its group's prompt (``prefix``) and its own keys/values
-    [B, Hkv, S, D] (the completion so far; the last T are the queries' own, causal among themselves).
-    Returns [B, T, H, D] as transformers' attention functions do."""
+    """Attention of ``query`` [B, H, T, D] over its group's prompt (``prefix``, its layer ``layer``) and its
+    own keys/values [B, Hkv, S, D] (the completion so far; the last T are the queries' own, causal among
+    themselves); ``dropout``: the attention dropout of a module in training mode. Returns [B, T, H, D]
+    as transformers' attention functions do."""
     B, H, T, D = query.shape
     S = key.shape[2]
-    kp, vp = prefix.keys[module.layer_idx], prefix.values[module.layer_idx]
+    kp, vp = prefix.keys[layer], prefix.values[layer]
     n_rep = H // kp.shape[1]
     P = kp.shape[2]
     # scores against the prompt: one product per group, over all of the group's queries
@@ -119,7 +120,7 @@ def prefix_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
         ss = ss.masked_fill(hidden, torch.finfo(ss.dtype).min)
     w = torch.cat([sp, ss], dim=-1).softmax(-1, dtype=torch.promote_types(query.dtype, torch.float32)).to(query.dtype)
     if dropout:
-        w = torch.nn.functional.dropout(w, p=dropout, training=module.training)
+        w = torch.nn.functional.dropout(w, p=dropout)
     wp, ws = w.split([P, S], dim=-1)
     out = prefix._rows(torch.matmul(prefix._grouped(wp, n_rep), vp), n_rep, T) + torch.matmul(ws, v)
     return out.transpose(1, 2).contiguous()
@@ -231,7 +232,8 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
         if segments is not None:
             return segment_attention(module, query, key, value, segments, scaling, dropout), None
-        return prefix_attention(module, query, key, value, prefix, scaling, dropout), None
+        return prefix_attention(module.layer_idx, query, key, value, prefix, scaling,
+                                dropout if module.training else 0.0), None
     return _SDPA(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                  **kwargs)
 

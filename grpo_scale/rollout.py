@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from grpo_scale import attention
+from grpo_scale import attention, decoding
 
 logger = logging.getLogger(__name__)
 
@@ -463,7 +463,8 @@ def sample(model, ids: torch.Tensor, mask: torch.Tensor, *, cache, cache_kw: str
 
     ``prefix``: an ``attention.PrefixKV`` holding the prompts' keys and values (all prompt tokens but the
     last) once per group, for a model switched to ``attention.NAME``; ``cache`` is then None and the
-    loop's own cache holds only the completions.
+    loop's own cache holds only the completions. Where ``decoding.enabled(model)`` (the trainer checks it
+    at start-up), the steps are ``decoding.DecodeStep``'s, computed from the model's weights.
     """
     N = ids.shape[0]
     out = ids.new_full((N, max_new_tokens), pad)
@@ -476,20 +477,28 @@ def sample(model, ids: torch.Tensor, mask: torch.Tensor, *, cache, cache_kw: str
     after_prompt = cache is not None or prefix is not None
     inp, pos = (ids[:, -1:], position_ids(mask)[:, -1:]) if after_prompt else (ids, position_ids(mask))
     structured = {"prefix": prefix} if prefix is not None else {}
+    # over a prefix, a model that decoding.enabled accepts runs its steps from its weights (DecodeStep)
+    lean = decoding.DecodeStep(model, prefix, N, max_new_tokens) if prefix is not None and decoding.enabled(model) \
+        else None
     droppable = None  # whether rows can leave this model's cache, decided at the first step
     steps = 0
     for steps in range(1, max_new_tokens + 1):
-        step_cache = {cache_kw: cache} if cache is not None else {}
-        # with a prefix the attention needs no mask (a row sees its prompt by the prefix's mask, and all of
-        # its own completion): a stand-in of the shape that costs nothing, which transformers passes through
-        mask_now = attn if prefix is None else attention.stand_in_mask(inp.shape[0], inp.shape[1], steps, inp.device)
-        o = model(input_ids=inp, attention_mask=mask_now, position_ids=pos, use_cache=True, **step_cache,
-                  **structured, **keep_one)
-        cache = getattr(o, cache_kw, None)
-        if droppable is None:
-            droppable = drop_finished and (cache is None or repeatable_cache(cache))
-            reserve(cache, max_new_tokens - steps)
-        scores = o.logits[:, -1]
+        if lean is not None:
+            scores = lean.step(inp[:, -1], pos[:, -1])
+            droppable = drop_finished
+        else:
+            step_cache = {cache_kw: cache} if cache is not None else {}
+            # with a prefix the attention needs no mask (a row sees its prompt by the prefix's mask, and all
+            # of its own completion): a stand-in of the shape that costs nothing, passed through by transformers
+            mask_now = attn if prefix is None else attention.stand_in_mask(inp.shape[0], inp.shape[1], steps,
+                                                                           inp.device)
+            o = model(input_ids=inp, attention_mask=mask_now, position_ids=pos, use_cache=True, **step_cache,
+                      **structured, **keep_one)
+            cache = getattr(o, cache_kw, None)
+            if droppable is None:
+                droppable = drop_finished and (cache is None or repeatable_cache(cache))
+                reserve(cache, max_new_tokens - steps)
+            scores = o.logits[:, -1]
         # dropping rows already draws other tokens than generate for a seed: the top-k draw is free to
         drawn = draw_top_k(scores, temperature, top_k, top_p) if do_sample and drop_finished else None
         if drawn is not None:
@@ -515,10 +524,12 @@ def sample(model, ids: torch.Tensor, mask: torch.Tensor, *, cache, cache_kw: str
                 cache.batch_select_indices(live)
             if prefix is not None:
                 prefix.select(live)
+            if lean is not None:
+                lean.select(live)
         if prefix is None:  # (a prefix step needs no mask)
             attn = torch.cat([attn, attn.new_ones(attn.shape[0], 1)], dim=1)
         pos = pos[:, -1:] + 1
-        if cache is None:  # a model without a KV cache: the whole sequence again
+        if cache is None and lean is None:  # a model without a KV cache: the whole sequence again
             seq = torch.cat([seq, nxt.unsqueeze(1)], dim=1)
             inp, pos = seq, position_ids(attn)
         else:

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from grpo_scale import checkpoint as ckpt
-from grpo_scale import attention, cpu_memory, dynamic, engines, lora, packing, portable, preemption, reward_timeout
+from grpo_scale import attention, cpu_memory, decoding, dynamic, engines, lora, packing, portable, preemption, reward_timeout
 from grpo_scale.reward_timeout import RewardTimeout
 from grpo_scale.config import ConfigError, GRPOConfig, adapter_base, is_adapter_dir
 from grpo_scale.rewards import call_reward, check_reward_columns, compute_rewards, get_reward_funcs
@@ -321,6 +321,7 @@ class GRPOTrainer:
                 logger.warning(warning)
         self.entropy_control = {"coef": self.cfg.entropy_coef, "last_entropy": None}  # None: not measured yet
         self.step_spec = self.loss_spec
+        self.decode_step = False  # decoding steps from the weights (decoding.DecodeStep), set by the check below
         self.structured_attention = self._structured_attention_fits()
         self.packed_segments = self.structured_attention  # packed rows' attention by index, not a dense mask
         self.padding_free = self.cfg.padding_free and self._packing_fits()
@@ -924,8 +925,35 @@ class GRPOTrainer:
             if self.acc.is_main_process:
                 logger.warning("structured attention: turned off for this model (%s); decoding repeats each "
                                "prompt's cache for its completions", problem or "the check failed on another rank")
-        elif self.ref_model is not None:
+            return False
+        if self.ref_model is not None:
             attention.enable(self.ref_model)
+        self.decode_step = self._decode_step_fits(inner, vocab)
+        return True
+
+    def _decode_step_fits(self, inner, vocab: int) -> bool:
+        """Decoding steps computed from the policy's weights (``decoding.DecodeStep``) where its architecture
+        is one the step reproduces, checked against the model's forward on a small made-up batch; the
+        model's forward where not (a LoRA or quantized model, another architecture: silently, it is the
+        ordinary path; a failed check: with a warning)."""
+        with self.gathered(self.model) as plain:
+            why = decoding.supported(plain)
+            problem = None
+            if why is None:
+                was_training = plain.training
+                plain.eval()
+                try:
+                    problem = decoding.decoding_problem(plain, vocab)
+                except Exception as e:  # noqa: BLE001 - any failure means: decode through the forward
+                    problem = f"it raised {type(e).__name__}: {str(e)[:200]}"
+                finally:
+                    plain.train(was_training)
+        fits = self._on_all_ranks(why is None and problem is None)
+        if fits:
+            decoding.enable(inner)
+        elif why is None and self.acc.is_main_process:
+            logger.warning("decoding steps: computed by the model's forward (%s)",
+                           problem or "the check failed on another rank")
         return fits
 
     def _packing_fits(self) -> bool:

@@ -151,6 +151,7 @@ def _run_cell(out: Path, name: str, cfg, trainer: GRPOTrainer, seen: list) -> No
         "step_metrics": last["metrics"],
         "loss_impl": trainer.loss_impl, "padding_free": trainer.padding_free,
         "structured_attention": trainer.structured_attention, "packed_segments": trainer.packed_segments,
+        "decode_step": trainer.decode_step,
         "rollout": {k: getattr(rollout, k).cpu() for k in ("prompt_ids", "prompt_mask", "completion_ids",
                                                            "completion_mask", "attention_mask")},
         "ref_logps": None if batch["ref_logps"] is None else batch["ref_logps"].float().cpu(),

@@ -68,7 +68,7 @@ def test_prefix_attention_equals_sdpa_over_the_repeated_prompt(n_rep, T, drop):
         prefix.select(live)
         group = group[live]
     qs, ks, vs = q[live], k[live], v[live]
-    ours = attention.prefix_attention(Module(), qs, ks, vs, prefix, scaling=D ** -0.5)
+    ours = attention.prefix_attention(0, qs, ks, vs, prefix, scaling=D ** -0.5)
     want = plain_attention(qs, ks, vs, kp, vp, pmask, group, D ** -0.5)
     assert ours.shape == want.shape == (len(live), T, Hkv * n_rep, D)
     assert torch.allclose(ours, want, atol=1e-12, rtol=0)

@@ -203,6 +203,9 @@ def check_cell(out: Path, row, initial, initial_bf16, world: int = 2, groups_spa
     # grpo_sdpa (attention.py) passed its start-up checks: decoding over each group's prompt held once, and
     # packed rows' attention by index, under every launch, LoRA, checkpointing, bf16 and loss_impl
     assert recs[0]["structured_attention"] and (recs[0]["packed_segments"] or not packed), name
+    # decoding steps from the weights (decoding.py) passed their check, gathered under ZeRO-3, in bf16;
+    # a LoRA policy decodes through its forward
+    assert recs[0]["decode_step"] == (not peft), name
     assert recs[0]["steps"] == 2 * (1 + iters) and recs[0]["history"], name
     for h in recs[0]["history"]:
         assert torch.isfinite(torch.tensor(h["loss"])), (name, h)

@@ -1,0 +1,222 @@
+"""A decoding step computed from a Llama-family model's weights, for decoding over a shared prompt.
+
+A decoding step of a small model runs a few hundred small operations: on the embedded model (4 layers
+of 128 features) one step of 64 rows is about 1.5 ms of matrix products and 3 ms of everything else,
+most of it the dispatch of transformers' modules (each projection, norm and rotary embedding a module
+call, the cache's bookkeeping, the attention interface). ``DecodeStep`` computes the same step directly:
+the query, key and value projections as one product, gate and up as one, the rotary embedding once
+per step from the model's own ``rotary_emb``, keys and values written into preallocated buffers, and the
+attention over the group's prompt by ``attention.prefix_attention``. Its logits are the model's up to
+rounding (the fused products sum in another order), checked at start-up on a made-up batch
+(``decoding_problem``) and by ``tests/test_decoding.py``.
+
+Only for decoder layers whose forward is the Llama template (``SUPPORTED``: Llama, Qwen2, Mistral;
+SmolLM2 is Llama), every projection a plain ``nn.Linear`` (not quantized, not a LoRA layer), and
+a model switched to ``attention.NAME``; anything else decodes through the model's forward.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from grpo_scale import attention
+
+# decoder layer, attention, MLP and norm classes whose forwards DecodeStep reproduces
+SUPPORTED = {
+    "LlamaForCausalLM": ("LlamaDecoderLayer", "LlamaAttention", "LlamaMLP", "LlamaRMSNorm"),
+    "Qwen2ForCausalLM": ("Qwen2DecoderLayer", "Qwen2Attention", "Qwen2MLP", "Qwen2RMSNorm"),
+    "MistralForCausalLM": ("MistralDecoderLayer", "MistralAttention", "MistralMLP", "MistralRMSNorm"),
+}
+_FLAG = "_grpo_scale_decode_step"
+
+
+def supported(model) -> Optional[str]:
+    """None when ``DecodeStep`` can compute ``model``'s decoding steps (a plain transformers model, not a
+    peft or DeepSpeed wrapper), else why not."""
+    kind = type(model).__name__
+    if kind not in SUPPORTED:
+        return f"its class {kind} is not one of {', '.join(sorted(SUPPORTED))}"
+    if not attention.enabled(model):
+        return f"it does not use {attention.NAME}"
+    layer_cls, attn_cls, mlp_cls, norm_cls = SUPPORTED[kind]
+    decoder = model.model
+    if type(decoder.norm).__name__ != norm_cls or type(model.lm_head) is not torch.nn.Linear:
+        return "its final norm or output layer is not the plain one"
+    if getattr(model.config, "pretraining_tp", 1) not in (None, 1):
+        return "its config sets pretraining_tp"
+    for i, layer in enumerate(decoder.layers):
+        a, m = layer.self_attn, layer.mlp
+        if (type(layer).__name__, type(a).__name__, type(m).__name__) != (layer_cls, attn_cls, mlp_cls) or \
+                type(layer.input_layernorm).__name__ != norm_cls or \
+                type(layer.post_attention_layernorm).__name__ != norm_cls:
+            return f"layer {i} is not {layer_cls} with its own attention, MLP and norms"
+        linears = (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj)
+        if any(type(p) is not torch.nn.Linear for p in linears):
+            return f"layer {i} has projections that are not plain nn.Linear (quantized or adapters)"
+    return None
+
+
+def enable(model) -> None:
+    setattr(model, _FLAG, True)
+
+
+def disable(model) -> None:
+    if hasattr(model, _FLAG):
+        delattr(model, _FLAG)
+
+
+def enabled(model) -> bool:
+    return getattr(model, _FLAG, False) and supported(model) is None
+
+
+def _cat(tensors) -> Optional[torch.Tensor]:
+    return None if any(t is None for t in tensors) else torch.cat(tensors)
+
+
+def _bias_or_zero(linear: torch.nn.Linear) -> torch.Tensor:
+    return linear.bias if linear.bias is not None else linear.weight.new_zeros(linear.out_features)
+
+
+class DecodeStep:
+    """The decoding steps of ``model`` over ``prefix`` (an ``attention.PrefixKV`` of the prompts), for
+    ``rows`` rows and at most ``room`` steps: ``step(tokens [B], positions [B])`` returns the logits
+    [B, V] of the next token; ``select(live)`` keeps the rows ``live`` (the same call as the prefix's).
+    The weights are read (and the fused ones copied) when it is built, so it is built for each
+    ``generate`` call, after the weights last changed."""
+
+    def __init__(self, model, prefix: attention.PrefixKV, rows: int, room: int):
+        from grpo_scale.rollout import FEW_ROWS_MIN_WEIGHT, linear
+
+        self._linear = linear
+        self._few_rows_min = FEW_ROWS_MIN_WEIGHT
+        cfg = model.config
+        decoder = model.model
+        self.prefix = prefix
+        self.embed = decoder.embed_tokens
+        self.rotary = decoder.rotary_emb
+        self.norm = (decoder.norm.weight, decoder.norm.variance_epsilon)
+        self.head = (model.lm_head.weight, model.lm_head.bias)
+        first = decoder.layers[0].self_attn
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = cfg.num_key_value_heads
+        self.head_dim = first.head_dim
+        self.scaling = first.scaling
+        self.layers = []
+        w = first.q_proj.weight
+        for layer in decoder.layers:
+            a, m = layer.self_attn, layer.mlp
+            qkv_bias = None
+            if any(p.bias is not None for p in (a.q_proj, a.k_proj, a.v_proj)):
+                qkv_bias = torch.cat([_bias_or_zero(p) for p in (a.q_proj, a.k_proj, a.v_proj)])
+            gate_up_bias = None
+            if m.gate_proj.bias is not None or m.up_proj.bias is not None:
+                gate_up_bias = torch.cat([_bias_or_zero(m.gate_proj), _bias_or_zero(m.up_proj)])
+            self.layers.append(dict(
+                norm1=(layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon),
+                qkv=(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), qkv_bias),
+                o=(a.o_proj.weight, a.o_proj.bias),
+                norm2=(layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon),
+                gate_up=(torch.cat([m.gate_proj.weight, m.up_proj.weight]), gate_up_bias),
+                down=(m.down_proj.weight, m.down_proj.bias),
+                act=m.act_fn, intermediate=m.gate_proj.out_features))
+        shape = (rows, self.kv_heads, room, self.head_dim)
+        self.keys = [w.new_empty(shape) for _ in self.layers]
+        self.values = [w.new_empty(shape) for _ in self.layers]
+        self.filled = 0
+
+    def _proj(self, x: torch.Tensor, weight_bias) -> torch.Tensor:
+        weight, bias = weight_bias
+        if weight.numel() >= self._few_rows_min:  # the orientation rollout.few_row_linears gives the model
+            return self._linear(x, weight, bias)
+        return torch.nn.functional.linear(x, weight, bias)
+
+    @staticmethod
+    def _rms(x: torch.Tensor, weight_eps) -> torch.Tensor:  # transformers' Llama RMSNorm
+        weight, eps = weight_eps
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+        return weight * h.to(x.dtype)
+
+    def select(self, live: torch.Tensor) -> None:
+        self.keys = [k[live] for k in self.keys]
+        self.values = [v[live] for v in self.values]
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        B, H, Hkv, D = tokens.shape[0], self.heads, self.kv_heads, self.head_dim
+        t = self.filled
+        if t >= self.keys[0].shape[2]:
+            raise RuntimeError(f"DecodeStep: built for {t} steps, asked for one more")
+        h = self.embed(tokens)                                                    # [B, E]
+        cos, sin = self.rotary(h[:, None], positions.view(B, 1))                  # [B, 1, D]
+        half = D // 2
+        for i, layer in enumerate(self.layers):
+            x = self._rms(h, layer["norm1"])
+            qkv = self._proj(x, layer["qkv"])
+            qk = qkv[:, :(H + Hkv) * D].view(B, H + Hkv, D)
+            qk = qk * cos + torch.cat([-qk[..., half:], qk[..., :half]], dim=-1) * sin   # rotate_half
+            self.keys[i][:, :, t] = qk[:, H:]
+            self.values[i][:, :, t] = qkv[:, (H + Hkv) * D:].view(B, Hkv, D)
+            out = attention.prefix_attention(i, qk[:, :H].unsqueeze(2), self.keys[i][:, :, :t + 1],
+                                             self.values[i][:, :, :t + 1], self.prefix, self.scaling)
+            h = h + self._proj(out.reshape(B, H * D), layer["o"])
+            x = self._rms(h, layer["norm2"])
+            gate, up = self._proj(x, layer["gate_up"]).split(layer["intermediate"], dim=-1)
+            h = h + self._proj(layer["act"](gate) * up, layer["down"])
+        self.filled = t + 1
+        return self._proj(self._rms(h, self.norm), self.head)
+
+
+@torch.no_grad()
+def decoding_problem(model, vocab: int, tol: Optional[float] = None) -> Optional[str]:
+    """Why ``DecodeStep``'s logits differ from ``model``'s forward over the same ``attention.PrefixKV``, on
+    a small made-up batch (two prompts, one left-padded, with 2 and 3 completions, three steps, a row
+    dropped after the second); None when they agree up to rounding (``tol`` relative to the logits' size;
+    by default 1e-4 in float32, 3e-2 in 16-bit types)."""
+    from grpo_scale.rollout import cache_argument, position_ids, prefill
+
+    why = supported(model)
+    if why is not None:
+        return why
+    gen = torch.Generator().manual_seed(0)
+    dev = next(model.parameters()).device
+    ids = torch.randint(1, vocab, (2, 6), generator=gen).to(dev)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    counts = torch.tensor([2, 3], device=dev)
+    row_mask = mask.repeat_interleave(counts, dim=0)
+    fed = torch.randint(1, vocab, (5, 3), generator=gen).to(dev)
+    cache_kw = cache_argument(model)
+    runs = []
+    for lean in (False, True):
+        held = prefill(model, ids[:, :-1], mask[:, :-1], None, cache_kw)
+        prefix = attention.PrefixKV(held, mask[:, :-1], counts)
+        step = DecodeStep(model, prefix, 5, 3) if lean else None
+        inp, pos, nxt = ids.repeat_interleave(counts, dim=0)[:, -1], position_ids(row_mask)[:, -1], fed
+        cache, out = None, []
+        for t in range(3):
+            if lean:
+                out.append(step.step(inp, pos).double())
+            else:
+                o = model(input_ids=inp[:, None], attention_mask=attention.stand_in_mask(len(inp), 1, t + 1, dev),
+                          position_ids=pos[:, None], use_cache=True, prefix=prefix, logits_to_keep=1,
+                          **({cache_kw: cache} if cache is not None else {}))
+                cache = getattr(o, cache_kw)
+                out.append(o.logits[:, -1].double())
+            if t == 1:  # row 1 finishes
+                live = torch.tensor([0, 2, 3, 4], device=dev)
+                prefix.select(live)
+                if lean:
+                    step.select(live)
+                else:
+                    cache.batch_select_indices(live)
+                nxt, pos = nxt[live], pos[live]
+            inp, pos = nxt[:, t], pos + 1
+        runs.append(out)
+    plain, lean = runs
+    err = max(float((a - b).abs().max()) for a, b in zip(lean, plain))
+    scale = 1.0 + max(float(b.abs().max()) for b in plain)
+    if tol is None:
+        tol = 1e-4 if next(model.parameters()).dtype.itemsize >= 4 else 3e-2
+    return None if err <= tol * scale else f"its logits differ from the model's forward by {err:.3g}"

@@ -1,0 +1,137 @@
+"""Decoding steps computed from the weights (grpo_scale/decoding.py) against the model's own forward: the
+same logits in float64 for every architecture it accepts (Llama with grouped-query heads and biases,
+Qwen2, Mistral), the same tokens and log-probs through generate, its refusals, and the trainer's check
+turning it off where it would differ."""
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+import grpo_scale
+from grpo_scale import attention, decoding
+from grpo_scale.config import load_config
+from grpo_scale.rollout import generate
+from grpo_scale.tasks import ProblemStream
+from grpo_scale.tasks.prompts import render_prompt
+
+EMBEDDED_DIR = Path(grpo_scale.__file__).parent / "assets" / "tiny-math"
+
+
+def small_model(kind: str, **extra):
+    cfg = AutoConfig.for_model(kind, vocab_size=97, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                               num_attention_heads=6, num_key_value_heads=2, pad_token_id=0, **extra)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").double().eval()
+    for p in model.parameters():  # biases away from zero, norms away from one: every weight matters
+        torch.nn.init.normal_(p, std=0.3 if p.dim() == 1 else 0.15)
+    assert attention.enable(model)
+    return model
+
+
+@pytest.mark.parametrize("kind, extra", [
+    ("llama", dict(attention_bias=True, mlp_bias=True)),   # SmolLM2's architecture, every bias on
+    ("llama", dict(rope_scaling={"rope_type": "linear", "factor": 2.0})),
+    ("qwen2", {}),                                          # biased q, k, v projections
+    ("mistral", dict(sliding_window=None)),
+])
+def test_the_step_gives_the_forwards_logits_in_float64(kind, extra):
+    model = small_model(kind, **extra)
+    assert decoding.supported(model) is None
+    assert decoding.decoding_problem(model, 97, tol=1e-12) is None
+
+
+def test_a_wrong_step_is_found(monkeypatch):
+    model = small_model("llama")
+    right = decoding.DecodeStep._rms
+    monkeypatch.setattr(decoding.DecodeStep, "_rms", staticmethod(lambda x, we: right(x, (we[0], we[1] + 1e-2))))
+    assert "differ" in decoding.decoding_problem(model, 97)
+
+
+def test_what_it_refuses():
+    model = small_model("llama")
+    attention.disable(model)
+    assert "does not use grpo_sdpa" in decoding.supported(model)
+    attention.enable(model)
+
+    class Quantized(torch.nn.Linear):
+        pass
+
+    q = model.model.layers[1].self_attn.q_proj
+    model.model.layers[1].self_attn.q_proj = Quantized(q.in_features, q.out_features)
+    assert "not plain nn.Linear" in decoding.supported(model)
+    gpt2 = AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt2", n_layer=1, n_embd=32, n_head=2))
+    assert "is not one of" in decoding.supported(gpt2)
+    decoding.enable(gpt2)
+    assert not decoding.enabled(gpt2)  # the flag alone does not make a model decodable
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    tok = AutoTokenizer.from_pretrained(EMBEDDED_DIR)
+    model = AutoModelForCausalLM.from_pretrained(EMBEDDED_DIR, attn_implementation="sdpa").double().eval()
+    rows = ProblemStream({"arithmetic": 1.0}, [1, 2, 3], seed=5).take(4)
+    prompts = [render_prompt(tok, r["prompt"]) for r, n in zip(rows, (3, 4, 1, 4)) for _ in range(n)]
+    return model, tok, prompts
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_generate_draws_the_same_tokens_with_it(embedded, do_sample):
+    """The embedded model in float64, groups of 3, 4, 1 and 4, rows finishing at different steps: the same
+    completions and log-probs with the step computed from the weights as through the forward."""
+    model, tok, prompts = embedded
+    kw = dict(max_prompt_length=None, max_new_tokens=24, do_sample=do_sample, temperature=1.5, top_k=20,
+              with_logps=True)
+    assert attention.enable(model)
+    try:
+        torch.manual_seed(3)
+        plain = generate(model, tok, prompts, **kw)
+        decoding.enable(model)
+        assert decoding.enabled(model)
+        calls = []
+        right = decoding.DecodeStep.step
+        decoding.DecodeStep.step = lambda self, *a: calls.append(1) or right(self, *a)
+        try:
+            torch.manual_seed(3)
+            ours = generate(model, tok, prompts, **kw)
+        finally:
+            decoding.DecodeStep.step = right
+    finally:
+        decoding.disable(model)
+        attention.disable(model)
+    assert calls, "the step from the weights did not run"
+    lengths = plain.attention_mask.sum(1)
+    assert lengths.min() < lengths.max(), "want rows that finish at different steps"
+    assert torch.equal(ours.completion_ids, plain.completion_ids)
+    assert torch.allclose(ours.sampling_logps, plain.sampling_logps, atol=1e-10, rtol=0)
+
+
+def _trainer(tmp_path, *extra):
+    from grpo_scale.trainer import GRPOTrainer
+    cfg = load_config(["--output_dir", str(tmp_path), "--report_to", "none", "--max_steps", "1", "--eval_size", "4",
+                       "--per_device_train_batch_size", "8", "--max_completion_length", "8", *extra])
+    return GRPOTrainer(cfg)
+
+
+def test_the_trainer_uses_it_and_turns_it_off_where_it_differs(monkeypatch, tmp_path, caplog):
+    trainer = _trainer(tmp_path / "on")
+    trainer.setup()
+    assert trainer.decode_step and decoding.enabled(trainer.acc.unwrap_model(trainer.model))
+    right = decoding.DecodeStep._rms
+    monkeypatch.setattr(decoding.DecodeStep, "_rms", staticmethod(lambda x, we: 2 * right(x, we)))
+    trainer = _trainer(tmp_path / "off")
+    with caplog.at_level(logging.WARNING, logger="grpo_scale"):
+        trainer.setup()
+    assert not trainer.decode_step and trainer.structured_attention
+    assert not decoding.enabled(trainer.acc.unwrap_model(trainer.model))
+    assert any("decoding steps: computed by the model's forward" in r.getMessage() for r in caplog.records)
+    trainer.grpo_step(trainer.generate_and_score())  # and it trains
+
+
+def test_a_lora_policy_decodes_through_its_forward(tmp_path, caplog):
+    trainer = _trainer(tmp_path, "--use_peft", "true")
+    with caplog.at_level(logging.WARNING, logger="grpo_scale"):
+        trainer.setup()
+    assert trainer.structured_attention and not trainer.decode_step
+    assert not any("decoding steps" in r.getMessage() for r in caplog.records)  # not a failure: not its kind
