@@ -29,6 +29,10 @@ SUPPORTED = {
     "MistralForCausalLM": ("MistralDecoderLayer", "MistralAttention", "MistralMLP", "MistralRMSNorm"),
 }
 _FLAG = "_grpo_scale_decode_step"
+# q/k/v and gate/up weights are concatenated (one product each) when all of these copies together are
+# at most this size: the embedded model's are 3 MB; SmolLM2-135M's would be 276 MB (copied for every
+# generate call), so its products stay separate
+FUSE_MAX_BYTES = 64 << 20
 
 
 def supported(model) -> Optional[str]:
@@ -70,10 +74,6 @@ def enabled(model) -> bool:
     return getattr(model, _FLAG, False) and supported(model) is None
 
 
-def _cat(tensors) -> Optional[torch.Tensor]:
-    return None if any(t is None for t in tensors) else torch.cat(tensors)
-
-
 def _bias_or_zero(linear: torch.nn.Linear) -> torch.Tensor:
     return linear.bias if linear.bias is not None else linear.weight.new_zeros(linear.out_features)
 
@@ -104,26 +104,40 @@ class DecodeStep:
         self.scaling = first.scaling
         self.layers = []
         w = first.q_proj.weight
+        # q/k/v and gate/up fused into one product each where the fused copies are small (the copies are
+        # made for every generate call); separate products otherwise
+        fused_bytes = sum(p.weight.numel() * p.weight.element_size() for layer in decoder.layers for p in
+                          (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
+                           layer.mlp.gate_proj, layer.mlp.up_proj))
+        self.fused = fused_bytes <= FUSE_MAX_BYTES
         for layer in decoder.layers:
             a, m = layer.self_attn, layer.mlp
-            qkv_bias = None
-            if any(p.bias is not None for p in (a.q_proj, a.k_proj, a.v_proj)):
-                qkv_bias = torch.cat([_bias_or_zero(p) for p in (a.q_proj, a.k_proj, a.v_proj)])
-            gate_up_bias = None
-            if m.gate_proj.bias is not None or m.up_proj.bias is not None:
-                gate_up_bias = torch.cat([_bias_or_zero(m.gate_proj), _bias_or_zero(m.up_proj)])
             self.layers.append(dict(
                 norm1=(layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon),
-                qkv=(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), qkv_bias),
+                qkv=self._parts(a.q_proj, a.k_proj, a.v_proj),
                 o=(a.o_proj.weight, a.o_proj.bias),
                 norm2=(layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon),
-                gate_up=(torch.cat([m.gate_proj.weight, m.up_proj.weight]), gate_up_bias),
+                gate_up=self._parts(m.gate_proj, m.up_proj),
                 down=(m.down_proj.weight, m.down_proj.bias),
                 act=m.act_fn, intermediate=m.gate_proj.out_features))
         shape = (rows, self.kv_heads, room, self.head_dim)
         self.keys = [w.new_empty(shape) for _ in self.layers]
         self.values = [w.new_empty(shape) for _ in self.layers]
         self.filled = 0
+
+    def _parts(self, *linears: torch.nn.Linear) -> list:
+        """The (weight, bias) products whose outputs, concatenated, are the linears' outputs: one fused
+        product, or one per linear."""
+        if not self.fused:
+            return [(p.weight, p.bias) for p in linears]
+        bias = None
+        if any(p.bias is not None for p in linears):
+            bias = torch.cat([_bias_or_zero(p) for p in linears])
+        return [(torch.cat([p.weight for p in linears]), bias)]
+
+    def _projs(self, x: torch.Tensor, parts: list) -> torch.Tensor:
+        outs = [self._proj(x, wb) for wb in parts]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
     def _proj(self, x: torch.Tensor, weight_bias) -> torch.Tensor:
         weight, bias = weight_bias
@@ -153,7 +167,7 @@ class DecodeStep:
         half = D // 2
         for i, layer in enumerate(self.layers):
             x = self._rms(h, layer["norm1"])
-            qkv = self._proj(x, layer["qkv"])
+            qkv = self._projs(x, layer["qkv"])
             qk = qkv[:, :(H + Hkv) * D].view(B, H + Hkv, D)
             qk = qk * cos + torch.cat([-qk[..., half:], qk[..., :half]], dim=-1) * sin   # rotate_half
             self.keys[i][:, :, t] = qk[:, H:]
@@ -162,7 +176,7 @@ class DecodeStep:
                                              self.values[i][:, :, :t + 1], self.prefix, self.scaling)
             h = h + self._proj(out.reshape(B, H * D), layer["o"])
             x = self._rms(h, layer["norm2"])
-            gate, up = self._proj(x, layer["gate_up"]).split(layer["intermediate"], dim=-1)
+            gate, up = self._projs(x, layer["gate_up"]).split(layer["intermediate"], dim=-1)
             h = h + self._proj(layer["act"](gate) * up, layer["down"])
         self.filled = t + 1
         return self._proj(self._rms(h, self.norm), self.head)

@@ -42,6 +42,13 @@ def test_the_step_gives_the_forwards_logits_in_float64(kind, extra):
     assert decoding.decoding_problem(model, 97, tol=1e-12) is None
 
 
+@pytest.mark.parametrize("fuse_max", [0, 1 << 30])
+def test_separate_and_fused_products_alike(monkeypatch, fuse_max):
+    monkeypatch.setattr(decoding, "FUSE_MAX_BYTES", fuse_max)
+    model = small_model("qwen2")
+    assert decoding.decoding_problem(model, 97, tol=1e-12) is None
+
+
 def test_a_wrong_step_is_found(monkeypatch):
     model = small_model("llama")
     right = decoding.DecodeStep._rms
