@@ -147,7 +147,12 @@ class Segments:
         self.prompt_index = (starts[:, None] + torch.arange(P)[None, :]) * self.prompt_valid
         completions = sorted(((u, c, n) for u, (_, _, comps) in enumerate(units) for c, n in comps if n > 0),
                              key=lambda x: x[2])
-        order = [self.prompt_index[self.prompt_valid]]  # outputs concatenated: prompts, then each batch
+        # one attention call for the prompts, then one per batch of completions; each call's queries and
+        # keys are gathered from the flat positions by one index_select over all calls (so the backward
+        # adds each gradient into one buffer), and the outputs, concatenated with their padding, are put
+        # back in place by one gather (``inverse``)
+        queries, keys_of = [self.prompt_index], [self.prompt_index]
+        real = [self.prompt_valid]
         self.buckets = []
         for part in _buckets(completions, P):
             units_of = torch.tensor([u for u, _, _ in part])
@@ -161,11 +166,18 @@ class Segments:
             mask = torch.cat([self.prompt_valid[units_of, :Pb][:, None, :].expand(-1, N, -1),
                               own[None] & valid[:, None, :]], dim=2)                       # [C, N, Pb + N]
             self.buckets.append((index.to(device), valid.to(device), keys.to(device), mask[:, None].to(device)))
-            order.append(index[valid])
-        order = torch.cat(order)
-        # the inverse: flat position -> its row in the concatenated outputs (one past the end: a zero row)
-        self.inverse = torch.full((total,), len(order), dtype=torch.long)
-        self.inverse[order] = torch.arange(len(order))
+            queries.append(index)
+            keys_of.append(keys)
+            real.append(valid)
+        self.query_shapes = [tuple(x.shape) for x in queries]
+        self.key_shapes = [tuple(x.shape) for x in keys_of]
+        self.query_index = torch.cat([x.reshape(-1) for x in queries]).to(device)
+        self.key_index = torch.cat([x.reshape(-1) for x in keys_of]).to(device)
+        # the inverse: flat position -> its row in the concatenated outputs (padding: the zero row after them)
+        real = torch.cat([x.reshape(-1) for x in real])
+        self.zero_row = len(real)
+        self.inverse = torch.full((total,), self.zero_row, dtype=torch.long)
+        self.inverse[self.query_index.cpu()[real]] = torch.arange(len(real))[real]
         self.inverse = self.inverse.to(device)
         self.prompt_index, self.prompt_valid = self.prompt_index.to(device), self.prompt_valid.to(device)
 
@@ -208,18 +220,17 @@ def segment_attention(module, query: torch.Tensor, key: torch.Tensor, value: tor
     k = key.transpose(1, 2).reshape(R * L, -1, D)
     v = value.transpose(1, 2).reshape(R * L, -1, D)
     drop = dropout if module.training else 0.0
-
-    def attend(qi, ki, mask=None):  # index tensors [n, m] -> outputs [n, m, H, D]
-        Q = q[qi].transpose(1, 2)
-        K, V = (_repeat_kv(t[ki].transpose(1, 2), n_rep) for t in (k, v))
-        out = torch.nn.functional.scaled_dot_product_attention(Q, K, V, attn_mask=mask, dropout_p=drop,
+    Q = q.index_select(0, segments.query_index).split([a * b for a, b in segments.query_shapes])
+    K = k.index_select(0, segments.key_index).split([a * b for a, b in segments.key_shapes])
+    V = v.index_select(0, segments.key_index).split([a * b for a, b in segments.key_shapes])
+    masks = [None] + [mask for _, _, _, mask in segments.buckets]  # the prompts: causal
+    outs = []
+    for Qi, Ki, Vi, qs, ks, mask in zip(Q, K, V, segments.query_shapes, segments.key_shapes, masks):
+        Qi = Qi.view(*qs, H, D).transpose(1, 2)
+        Ki, Vi = (_repeat_kv(t.view(*ks, -1, D).transpose(1, 2), n_rep) for t in (Ki, Vi))
+        out = torch.nn.functional.scaled_dot_product_attention(Qi, Ki, Vi, attn_mask=mask, dropout_p=drop,
                                                                is_causal=mask is None, scale=scaling)
-        return out.transpose(1, 2)
-
-    # prompts: left-aligned, so causal attention never lets a real token see the padding after it
-    outs = [attend(segments.prompt_index, segments.prompt_index)[segments.prompt_valid]]
-    for index, valid, keys, mask in segments.buckets:
-        outs.append(attend(index, keys, mask)[valid])
+        outs.append(out.transpose(1, 2).reshape(-1, H, D))
     outs.append(q.new_zeros(1, H, D))
     return torch.cat(outs)[segments.inverse].view(R, L, H, D)
 
