@@ -96,7 +96,7 @@ class DecodeStep:
         self.embed = decoder.embed_tokens
         self.rotary = decoder.rotary_emb
         self.norm = (decoder.norm.weight, decoder.norm.variance_epsilon)
-        self.head = (model.lm_head.weight, model.lm_head.bias)
+        self.head = (model.lm_head.weight, model.lm_head.bias, model.lm_head.weight.numel() >= FEW_ROWS_MIN_WEIGHT)
         first = decoder.layers[0].self_attn
         self.heads = cfg.num_attention_heads
         self.kv_heads = cfg.num_key_value_heads
@@ -115,10 +115,10 @@ class DecodeStep:
             self.layers.append(dict(
                 norm1=(layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon),
                 qkv=self._parts(a.q_proj, a.k_proj, a.v_proj),
-                o=(a.o_proj.weight, a.o_proj.bias),
+                o=(a.o_proj.weight, a.o_proj.bias, self._few_rows(a.o_proj.weight)),
                 norm2=(layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon),
                 gate_up=self._parts(m.gate_proj, m.up_proj),
-                down=(m.down_proj.weight, m.down_proj.bias),
+                down=(m.down_proj.weight, m.down_proj.bias, self._few_rows(m.down_proj.weight)),
                 act=m.act_fn, intermediate=m.gate_proj.out_features))
         shape = (rows, self.kv_heads, room, self.head_dim)
         self.keys = [w.new_empty(shape) for _ in self.layers]
@@ -126,22 +126,26 @@ class DecodeStep:
         self.filled = 0
 
     def _parts(self, *linears: torch.nn.Linear) -> list:
-        """The (weight, bias) products whose outputs, concatenated, are the linears' outputs: one fused
+        """The (weight, bias, few-row orientation) products whose outputs, concatenated, are the linears' outputs: one fused
         product, or one per linear."""
         if not self.fused:
-            return [(p.weight, p.bias) for p in linears]
+            return [(p.weight, p.bias, self._few_rows(p.weight)) for p in linears]
         bias = None
         if any(p.bias is not None for p in linears):
             bias = torch.cat([_bias_or_zero(p) for p in linears])
-        return [(torch.cat([p.weight for p in linears]), bias)]
+        # the orientation is the linears' own (rollout.few_row_linears' rule on each), not the fused size's
+        return [(torch.cat([p.weight for p in linears]), bias, all(self._few_rows(p.weight) for p in linears))]
+
+    def _few_rows(self, weight: torch.Tensor) -> bool:
+        return weight.numel() >= self._few_rows_min
 
     def _projs(self, x: torch.Tensor, parts: list) -> torch.Tensor:
         outs = [self._proj(x, wb) for wb in parts]
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
-    def _proj(self, x: torch.Tensor, weight_bias) -> torch.Tensor:
-        weight, bias = weight_bias
-        if weight.numel() >= self._few_rows_min:  # the orientation rollout.few_row_linears gives the model
+    def _proj(self, x: torch.Tensor, product) -> torch.Tensor:
+        weight, bias, few_rows = product
+        if few_rows:  # the orientation rollout.few_row_linears gives the model's own linear
             return self._linear(x, weight, bias)
         return torch.nn.functional.linear(x, weight, bias)
 

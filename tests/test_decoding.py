@@ -49,6 +49,22 @@ def test_separate_and_fused_products_alike(monkeypatch, fuse_max):
     assert decoding.decoding_problem(model, 97, tol=1e-12) is None
 
 
+def test_the_orientation_follows_each_linear_not_the_fused_product(monkeypatch):
+    """rollout.few_row_linears' rule (x W^T computed as (W x^T)^T for large weights) decided on the model's
+    own linears: a fused product of small ones keeps the plain orientation (on the embedded model, gate and
+    up fused are exactly 2^17 weights, where the plain orientation is the faster)."""
+    from grpo_scale import rollout
+    model = small_model("llama")
+    gate = model.model.layers[0].mlp.gate_proj.weight.numel()
+    prefix = type("Prefix", (), {})()
+    for threshold, expected in ((1, True), (gate + 1, False)):
+        monkeypatch.setattr(rollout, "FEW_ROWS_MIN_WEIGHT", threshold)
+        step = decoding.DecodeStep(model, prefix, rows=2, room=2)
+        assert step.fused
+        (weight, _, few_rows), = step.layers[0]["gate_up"]
+        assert weight.numel() >= gate + 1 and few_rows is expected
+
+
 def test_a_wrong_step_is_found(monkeypatch):
     model = small_model("llama")
     right = decoding.DecodeStep._rms
