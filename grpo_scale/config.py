@@ -246,7 +246,7 @@ class _Fields:
     cpu_keep_freed_memory: bool = _f(True, "On CPU with glibc, keep freed memory in the process for reuse instead of "
                                      "returning it to the system after every large tensor (mallopt; see "
                                      "grpo_scale/cpu_memory.py): a step's activations then cost no page faults. "
-                                     "The peak resident memory is unchanged; false: glibc's defaults.")
+                                     "The peak resident memory can grow by up to 64 MiB (the heap's top pad); false: glibc's defaults.")
     max_bad_steps: int = _f(5, "A step whose loss or gradient norm is not finite is skipped (no optimiser "
                             "update); after this many in a row the run saves a checkpoint and stops.")
 
