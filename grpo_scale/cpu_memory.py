@@ -6,9 +6,9 @@ top is also trimmed back. PyTorch's CPU allocator does not cache, so each activa
 embedded model, [2284, 512] fp32: 4.7 MB) is a fresh mapping whose every 4 KiB page faults and is zeroed
 by the kernel when first written: on the embedded model's e2e step, about 7,000 to 12,000 faults and 16 to
 20 ms of system time per step (about 350 faults and 1 ms with these settings), and element-wise kernels
-over the fresh pages slower (a [2284, 512] product of two tensors: 1.8 ms against 0.5 ms, in one profile). ``keep_freed_memory`` sets the
-mmap threshold to its maximum and the trim threshold and top pad high, so the heap keeps what a step
-frees and the next step reuses it. Memory is not returned between steps, and the heap grows in steps
+over the fresh pages slower (a [2284, 512] product of two tensors: 1.8 ms against 0.5 ms, in one profile).
+``keep_freed_memory`` sets the mmap threshold to its maximum and the trim threshold and top pad high, so
+the heap keeps what a step frees and the next step reuses it. Memory is not returned between steps, and the heap grows in steps
 of the top pad, so the peak resident memory can be up to 64 MiB higher (measured on the embedded
 model's step, 8 steps in one process: 768 MiB with and without these settings).
 

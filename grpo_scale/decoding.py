@@ -96,7 +96,7 @@ class DecodeStep:
         self.embed = decoder.embed_tokens
         self.rotary = decoder.rotary_emb
         self.norm = (decoder.norm.weight, decoder.norm.variance_epsilon)
-        self.head = (model.lm_head.weight, model.lm_head.bias, model.lm_head.weight.numel() >= FEW_ROWS_MIN_WEIGHT)
+        self.head = (model.lm_head.weight, model.lm_head.bias, self._few_rows(model.lm_head.weight))
         first = decoder.layers[0].self_attn
         self.heads = cfg.num_attention_heads
         self.kv_heads = cfg.num_key_value_heads
@@ -126,8 +126,8 @@ class DecodeStep:
         self.filled = 0
 
     def _parts(self, *linears: torch.nn.Linear) -> list:
-        """The (weight, bias, few-row orientation) products whose outputs, concatenated, are the linears' outputs: one fused
-        product, or one per linear."""
+        """The (weight, bias, few-row orientation) products whose outputs, concatenated, are the linears'
+        outputs: one fused product, or one per linear."""
         if not self.fused:
             return [(p.weight, p.bias, self._few_rows(p.weight)) for p in linears]
         bias = None
