@@ -171,14 +171,14 @@ class Segments:
             real.append(valid)
         self.query_shapes = [tuple(x.shape) for x in queries]
         self.key_shapes = [tuple(x.shape) for x in keys_of]
-        self.query_index = torch.cat([x.reshape(-1) for x in queries]).to(device)
-        self.key_index = torch.cat([x.reshape(-1) for x in keys_of]).to(device)
+        query_index = torch.cat([x.reshape(-1) for x in queries])
         # the inverse: flat position -> its row in the concatenated outputs (padding: the zero row after them)
         real = torch.cat([x.reshape(-1) for x in real])
         self.zero_row = len(real)
-        self.inverse = torch.full((total,), self.zero_row, dtype=torch.long)
-        self.inverse[self.query_index.cpu()[real]] = torch.arange(len(real))[real]
-        self.inverse = self.inverse.to(device)
+        inverse = torch.full((total,), self.zero_row, dtype=torch.long)
+        inverse[query_index[real]] = torch.arange(len(real))[real]
+        self.inverse, self.query_index = inverse.to(device), query_index.to(device)
+        self.key_index = torch.cat([x.reshape(-1) for x in keys_of]).to(device)
         self.prompt_index, self.prompt_valid = self.prompt_index.to(device), self.prompt_valid.to(device)
 
 

@@ -186,55 +186,16 @@ class DecodeStep:
         return self._proj(self._rms(h, self.norm), self.head)
 
 
-@torch.no_grad()
 def decoding_problem(model, vocab: int, tol: Optional[float] = None) -> Optional[str]:
     """Why ``DecodeStep``'s logits differ from ``model``'s forward over the same ``attention.PrefixKV``, on
-    a small made-up batch (two prompts, one left-padded, with 2 and 3 completions, three steps, a row
-    dropped after the second); None when they agree up to rounding (``tol`` relative to the logits' size;
-    by default 1e-4 in float32, 3e-2 in 16-bit types)."""
-    from grpo_scale.rollout import cache_argument, position_ids, prefill
+    the made-up batch of ``rollout.made_up_decoding``; None when they agree up to rounding (``tol``: see
+    ``rollout.logits_differ``)."""
+    from grpo_scale.rollout import logits_differ, made_up_decoding
 
     why = supported(model)
     if why is not None:
         return why
-    gen = torch.Generator().manual_seed(0)
-    dev = next(model.parameters()).device
-    ids = torch.randint(1, vocab, (2, 6), generator=gen).to(dev)
-    mask = torch.ones_like(ids)
-    mask[1, :2] = 0
-    counts = torch.tensor([2, 3], device=dev)
-    row_mask = mask.repeat_interleave(counts, dim=0)
-    fed = torch.randint(1, vocab, (5, 3), generator=gen).to(dev)
-    cache_kw = cache_argument(model)
-    runs = []
-    for lean in (False, True):
-        held = prefill(model, ids[:, :-1], mask[:, :-1], None, cache_kw)
-        prefix = attention.PrefixKV(held, mask[:, :-1], counts)
-        step = DecodeStep(model, prefix, 5, 3) if lean else None
-        inp, pos, nxt = ids.repeat_interleave(counts, dim=0)[:, -1], position_ids(row_mask)[:, -1], fed
-        cache, out = None, []
-        for t in range(3):
-            if lean:
-                out.append(step.step(inp, pos).double())
-            else:
-                o = model(input_ids=inp[:, None], attention_mask=attention.stand_in_mask(len(inp), 1, t + 1, dev),
-                          position_ids=pos[:, None], use_cache=True, prefix=prefix, logits_to_keep=1,
-                          **({cache_kw: cache} if cache is not None else {}))
-                cache = getattr(o, cache_kw)
-                out.append(o.logits[:, -1].double())
-            if t == 1:  # row 1 finishes
-                live = torch.tensor([0, 2, 3, 4], device=dev)
-                prefix.select(live)
-                if lean:
-                    step.select(live)
-                else:
-                    cache.batch_select_indices(live)
-                nxt, pos = nxt[live], pos[live]
-            inp, pos = nxt[:, t], pos + 1
-        runs.append(out)
-    plain, lean = runs
-    err = max(float((a - b).abs().max()) for a, b in zip(lean, plain))
-    scale = 1.0 + max(float(b.abs().max()) for b in plain)
-    if tol is None:
-        tol = 1e-4 if next(model.parameters()).dtype.itemsize >= 4 else 3e-2
-    return None if err <= tol * scale else f"its logits differ from the model's forward by {err:.3g}"
+    want = made_up_decoding(model, vocab, "prefix")
+    if want is None:
+        return "it returns no KV cache"
+    return logits_differ(made_up_decoding(model, vocab, "weights"), want, model, "the model's forward", tol)

@@ -388,11 +388,13 @@ def _reserved_layer_class(base):
 
 
 @torch.no_grad()
-def prefix_decoding_problem(model, vocab: int) -> Optional[str]:
-    """Why decoding over an ``attention.PrefixKV`` differs, for ``model`` (switched to ``attention.NAME``),
-    from decoding over the prompt cache repeated for each row, on a small made-up batch (two prompts, one
-    left-padded, with 2 and 3 completions, three steps, a row dropped after the second); None when the
-    logits agree up to rounding, or when the model returns no cache (nothing to share)."""
+def made_up_decoding(model, vocab: int, how: str) -> Optional[list[torch.Tensor]]:
+    """The float64 logits of three decoding steps of ``model`` on a small made-up batch (two prompts, one
+    left-padded, with 2 and 3 completions, a row dropped after the second step), decoded ``how``: over
+    the prompt cache repeated for each row (``"repeated"``), over an ``attention.PrefixKV`` through the
+    model's forward (``"prefix"``, a model switched to ``attention.NAME``), or by ``decoding.DecodeStep``
+    over the same prefix (``"weights"``). None when the model returns no cache. The start-up checks
+    compare two of them (``prefix_decoding_problem``, ``decoding.decoding_problem``)."""
     gen = torch.Generator().manual_seed(0)
     dev = next(model.parameters()).device
     cache_kw = cache_argument(model)
@@ -403,40 +405,59 @@ def prefix_decoding_problem(model, vocab: int) -> Optional[str]:
     rows, row_mask = ids.repeat_interleave(counts, dim=0), mask.repeat_interleave(counts, dim=0)
     fed = torch.randint(1, vocab, (5, 2), generator=gen).to(dev)
     keep_one = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
-
-    def decode(structured: bool) -> Optional[list[torch.Tensor]]:
-        cache = prefill(model, ids[:, :-1], mask[:, :-1], None if structured else counts, cache_kw)
-        if cache is None:
-            return None
-        prefix = attention.PrefixKV(cache, mask[:, :-1], counts) if structured else None
-        cache = None if structured else cache
-        inp, attn, pos, nxt = rows[:, -1:], row_mask, position_ids(row_mask)[:, -1:], fed
-        out = []
-        for t in range(3):
-            kw = {cache_kw: cache} if cache is not None else {}
-            mask_now = attention.stand_in_mask(inp.shape[0], 1, t + 1, dev) if structured else attn
+    prefix = step = None
+    cache = prefill(model, ids[:, :-1], mask[:, :-1], counts if how == "repeated" else None, cache_kw)
+    if cache is None:
+        return None
+    if how != "repeated":
+        prefix, cache = attention.PrefixKV(cache, mask[:, :-1], counts), None
+        if how == "weights":
+            step = decoding.DecodeStep(model, prefix, len(rows), 3)
+    inp, attn, pos, nxt = rows[:, -1:], row_mask, position_ids(row_mask)[:, -1:], fed
+    out = []
+    for t in range(3):
+        if step is not None:
+            logits = step.step(inp[:, -1], pos[:, -1])
+        else:
+            mask_now = attention.stand_in_mask(inp.shape[0], 1, t + 1, dev) if prefix is not None else attn
             o = model(input_ids=inp, attention_mask=mask_now, position_ids=pos, use_cache=True,
-                      **kw, **({"prefix": prefix} if structured else {}), **keep_one)
+                      **({cache_kw: cache} if cache is not None else {}),
+                      **({"prefix": prefix} if prefix is not None else {}), **keep_one)
             cache = getattr(o, cache_kw)
-            out.append(o.logits[:, -1].float())
-            if t == 1:  # row 1 finishes
-                live = torch.tensor([0, 2, 3, 4], device=dev)
-                cache.batch_select_indices(live)
-                if prefix is not None:
-                    prefix.select(live)
-                attn, pos, nxt = attn[live], pos[live], nxt[live]
-            inp = nxt[:, t:t + 1]
-            attn, pos = torch.cat([attn, attn.new_ones(attn.shape[0], 1)], dim=1), pos + 1
-        return out
+            logits = o.logits[:, -1]
+        out.append(logits.double())
+        if t == 1:  # row 1 finishes
+            live = torch.tensor([0, 2, 3, 4], device=dev)
+            for holder in (cache, prefix):
+                if holder is not None:
+                    (holder.batch_select_indices if holder is cache else holder.select)(live)
+            if step is not None:
+                step.select(live)
+            attn, pos, nxt = attn[live], pos[live], nxt[live]
+        inp = nxt[:, t:t + 1]
+        attn, pos = torch.cat([attn, attn.new_ones(attn.shape[0], 1)], dim=1), pos + 1
+    return out
 
-    plain = decode(False)
+
+def logits_differ(got: list[torch.Tensor], want: list[torch.Tensor], model, what: str,
+                  tol: Optional[float] = None) -> Optional[str]:
+    """None when ``got`` equals ``want`` up to rounding: ``tol`` (by default 1e-4 for a model in 32 or 64
+    bits, 3e-2 in 16) relative to the logits' size; else a message naming ``what`` they differ from."""
+    err = max(float((a - b).abs().max()) for a, b in zip(got, want))
+    scale = 1.0 + max(float(b.abs().max()) for b in want)
+    if tol is None:
+        tol = 1e-4 if next(model.parameters()).dtype.itemsize >= 4 else 3e-2
+    return None if err <= tol * scale else f"its logits differ from {what} by {err:.3g}"
+
+
+def prefix_decoding_problem(model, vocab: int) -> Optional[str]:
+    """Why decoding over an ``attention.PrefixKV`` differs, for ``model`` (switched to ``attention.NAME``),
+    from decoding over the prompt cache repeated for each row (``made_up_decoding``); None when the
+    logits agree up to rounding, or when the model returns no cache (nothing to share)."""
+    plain = made_up_decoding(model, vocab, "repeated")
     if plain is None:
         return None
-    structured = decode(True)
-    err = max(float((a - b).abs().max()) for a, b in zip(structured, plain))
-    scale = 1.0 + max(float(b.abs().max()) for b in plain)
-    tol = 1e-4 if next(model.parameters()).dtype == torch.float32 else 3e-2
-    return None if err <= tol * scale else f"its logits differ from the repeated cache's by {err:.3g}"
+    return logits_differ(made_up_decoding(model, vocab, "prefix"), plain, model, "the repeated cache's")
 
 
 @torch.no_grad()

@@ -906,16 +906,27 @@ class GRPOTrainer:
     def _structured_attention_fits(self) -> bool:
         """Switches the policy and the reference model to ``attention.NAME`` (a group's prompt held once in
         decoding) where the architecture allows it, and checks on a small made-up batch that decoding gives
-        the logits of the repeated cache; off with a warning where it does not."""
+        the logits of the repeated cache; off with a warning where it does not. Under the same gather, the
+        decoding steps computed from the policy's weights (``decoding.DecodeStep``) are checked against its
+        forward where its architecture is one they reproduce: on where they agree (``self.decode_step``);
+        the model's forward where not (silently for a LoRA or quantized model or another architecture,
+        with a warning where the check fails)."""
         inner = self.acc.unwrap_model(self.model)
         if not attention.enable(inner):
             return False
         vocab = min(int(getattr(inner.config, "vocab_size", 0) or 1000), 1000)
         was_training = inner.training
         inner.eval()
+        why = decode_problem = "not checked"
         try:
             with self.gathered(self.model) as plain:
                 problem = prefix_decoding_problem(plain, vocab)
+                why = decoding.supported(plain)
+                if problem is None and why is None:
+                    try:
+                        decode_problem = decoding.decoding_problem(plain, vocab)
+                    except Exception as e:  # noqa: BLE001 - any failure means: decode through the forward
+                        decode_problem = f"it raised {type(e).__name__}: {str(e)[:200]}"
         except Exception as e:  # noqa: BLE001 - any refusal means: keep plain sdpa for this model
             problem = f"decoding with it raised {type(e).__name__}: {str(e)[:200]}"
         finally:
@@ -929,33 +940,13 @@ class GRPOTrainer:
             return False
         if self.ref_model is not None:
             attention.enable(self.ref_model)
-        self.decode_step = self._decode_step_fits(inner, vocab)
-        return True
-
-    def _decode_step_fits(self, inner, vocab: int) -> bool:
-        """Decoding steps computed from the policy's weights (``decoding.DecodeStep``) where its architecture
-        is one the step reproduces, checked against the model's forward on a small made-up batch; the
-        model's forward where not (a LoRA or quantized model, another architecture: silently, it is the
-        ordinary path; a failed check: with a warning)."""
-        with self.gathered(self.model) as plain:
-            why = decoding.supported(plain)
-            problem = None
-            if why is None:
-                was_training = plain.training
-                plain.eval()
-                try:
-                    problem = decoding.decoding_problem(plain, vocab)
-                except Exception as e:  # noqa: BLE001 - any failure means: decode through the forward
-                    problem = f"it raised {type(e).__name__}: {str(e)[:200]}"
-                finally:
-                    plain.train(was_training)
-        fits = self._on_all_ranks(why is None and problem is None)
-        if fits:
+        self.decode_step = self._on_all_ranks(why is None and decode_problem is None)
+        if self.decode_step:
             decoding.enable(inner)
         elif why is None and self.acc.is_main_process:
             logger.warning("decoding steps: computed by the model's forward (%s)",
-                           problem or "the check failed on another rank")
-        return fits
+                           decode_problem or "the check failed on another rank")
+        return True
 
     def _packing_fits(self) -> bool:
         """Whether the padding-free forward gives this model's padded-forward logits (up to rounding), on
