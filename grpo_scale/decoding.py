@@ -5,8 +5,11 @@ of 128 features) one step of 64 rows is about 1.5 ms of matrix products and 3 ms
 most of it the dispatch of transformers' modules (each projection, norm and rotary embedding a module
 call, the cache's bookkeeping, the attention interface). ``DecodeStep`` computes the same step directly:
 the query, key and value projections as one product, gate and up as one, the rotary embedding once
-per step from the model's own ``rotary_emb``, keys and values written into preallocated buffers, and the
-attention over the group's prompt by ``attention.prefix_attention``. Its logits are the model's up to
+per step from the model's own ``rotary_emb``, and the attention over the group's prompt and the row's own
+completion with few operations (``DecodeStep._attend``): each row keeps its slot of the prompt's
+[groups x width] layout, so that the scores against a group's prompt are one batched product over all of
+its queries, a row leaving the batch moves no memory, and the completion's keys and values are stored
+step-major (a step reads them contiguously). Its logits are the model's up to
 rounding (the fused products sum in another order), checked at start-up on a made-up batch
 (``decoding_problem``) and by ``tests/test_decoding.py``.
 
@@ -120,7 +123,19 @@ class DecodeStep:
                 gate_up=self._parts(m.gate_proj, m.up_proj),
                 down=(m.down_proj.weight, m.down_proj.bias, self._few_rows(m.down_proj.weight)),
                 act=m.act_fn, intermediate=m.gate_proj.out_features))
-        shape = (rows, self.kv_heads, room, self.head_dim)
+        # the attention's layout (see ``_attend``): each row keeps its slot of the [groups x width] layout
+        # of the prefix (``PrefixKV.flat`` before any row left), so rows leaving the batch move no memory
+        G, W, Hkv, D = prefix.groups, prefix.width, self.kv_heads, self.head_dim
+        if prefix.group.numel() != rows:
+            raise ValueError(f"DecodeStep: {rows} rows, but the prefix holds {prefix.group.numel()}")
+        self.slot = prefix.flat.clone()
+        self.full = prefix.full                      # every slot holds a live row: rows are the slots
+        self.queries = None                          # [G * W, H, D]: the slots' queries, once a slot is empty
+        self.prefix_keys = [k.reshape(G * Hkv, -1, D).transpose(1, 2) for k in prefix.keys]   # [G*Hkv, D, P]
+        self.prefix_values = [v.reshape(G * Hkv, -1, D) for v in prefix.values]              # [G*Hkv, P, D]
+        self.prefix_bias = prefix.bias.expand(G, Hkv, 1, -1).reshape(G * Hkv, 1, -1)       # [G*Hkv, 1, P]
+        # the completions' keys and values, step-major: a step's reads are contiguous
+        shape = (room, G * W, Hkv, D)
         self.keys = [w.new_empty(shape) for _ in self.layers]
         self.values = [w.new_empty(shape) for _ in self.layers]
         self.filled = 0
@@ -157,14 +172,46 @@ class DecodeStep:
         return weight * h.to(x.dtype)
 
     def select(self, live: torch.Tensor) -> None:
-        self.keys = [k[live] for k in self.keys]
-        self.values = [v[live] for v in self.values]
+        self.slot = self.slot[live]
+        self.full = self.full and self.slot.numel() == self.keys[0].shape[1]
+
+    def _attend(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t: int) -> torch.Tensor:
+        """Layer ``i``'s attention at step ``t``: queries ``q`` [B, H, D] (scaled), the step's keys and values
+        [B, Hkv, D] (stored here). Returns [B, H * D]. The work runs on the slots of the prefix's
+        [groups x width] layout (a slot whose row has left computes a throw-away row): the scores against
+        each group's prompt are one batched product per group and key head over all of its queries, those
+        against a row's own completion one per slot, and both go through one softmax."""
+        G, W, H, Hkv, D = self.prefix.groups, self.keys[i].shape[1] // self.prefix.groups, self.heads, \
+            self.kv_heads, self.head_dim
+        n_rep, S, GW = H // Hkv, t + 1, self.keys[i].shape[1]
+        keys, values = self.keys[i], self.values[i]
+        if self.full:
+            keys[t].copy_(k)
+            values[t].copy_(v)
+        else:
+            keys[t].index_copy_(0, self.slot, k)
+            values[t].index_copy_(0, self.slot, v)
+            if self.queries is None:
+                self.queries = q.new_zeros(GW, H, D)
+            q = self.queries.index_copy_(0, self.slot, q)
+        grouped = q.view(G, W, Hkv, n_rep, D).permute(0, 2, 3, 1, 4).reshape(G * Hkv, n_rep * W, D)
+        prompt = torch.baddbmm(self.prefix_bias, grouped, self.prefix_keys[i])                # [G*Hkv, n_rep*W, P]
+        P = prompt.shape[-1]
+        own = torch.bmm(q.view(GW * Hkv, n_rep, D), keys[:S].view(S, GW * Hkv, D).permute(1, 2, 0))
+        scores = torch.cat([prompt.view(G, Hkv, n_rep, W, P),                                 # [G, Hkv, n_rep, W, P+S]
+                            own.view(G, W, Hkv, n_rep, S).permute(0, 2, 3, 1, 4)], dim=-1)
+        w = scores.softmax(-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
+        out = torch.bmm(w.view(G * Hkv, n_rep * W, P + S)[..., :P], self.prefix_values[i])    # [G*Hkv, n_rep*W, D]
+        mine = torch.bmm(w[..., P:].permute(0, 3, 1, 2, 4).reshape(GW * Hkv, n_rep, S),
+                         values[:S].view(S, GW * Hkv, D).transpose(0, 1))                     # [GW*Hkv, n_rep, D]
+        out = (mine.view(G, W, Hkv, n_rep, D) + out.view(G, Hkv, n_rep, W, D).permute(0, 3, 1, 2, 4)).reshape(GW, H * D)
+        return out if self.full else out.index_select(0, self.slot)
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         B, H, Hkv, D = tokens.shape[0], self.heads, self.kv_heads, self.head_dim
         t = self.filled
-        if t >= self.keys[0].shape[2]:
+        if t >= self.keys[0].shape[0]:
             raise RuntimeError(f"DecodeStep: built for {t} steps, asked for one more")
         h = self.embed(tokens)                                                    # [B, E]
         cos, sin = self.rotary(h[:, None], positions.view(B, 1))                  # [B, 1, D]
@@ -174,11 +221,8 @@ class DecodeStep:
             qkv = self._projs(x, layer["qkv"])
             qk = qkv[:, :(H + Hkv) * D].view(B, H + Hkv, D)
             qk = qk * cos + torch.cat([-qk[..., half:], qk[..., :half]], dim=-1) * sin   # rotate_half
-            self.keys[i][:, :, t] = qk[:, H:]
-            self.values[i][:, :, t] = qkv[:, (H + Hkv) * D:].view(B, Hkv, D)
-            out = attention.prefix_attention(i, qk[:, :H].unsqueeze(2), self.keys[i][:, :, :t + 1],
-                                             self.values[i][:, :, :t + 1], self.prefix, self.scaling)
-            h = h + self._proj(out.reshape(B, H * D), layer["o"])
+            out = self._attend(i, qk[:, :H] * self.scaling, qk[:, H:], qkv[:, (H + Hkv) * D:].view(B, Hkv, D), t)
+            h = h + self._proj(out, layer["o"])
             x = self._rms(h, layer["norm2"])
             gate, up = self._projs(x, layer["gate_up"]).split(layer["intermediate"], dim=-1)
             h = h + self._proj(layer["act"](gate) * up, layer["down"])

@@ -56,7 +56,9 @@ def test_the_orientation_follows_each_linear_not_the_fused_product(monkeypatch):
     from grpo_scale import rollout
     model = small_model("llama")
     gate = model.model.layers[0].mlp.gate_proj.weight.numel()
-    prefix = type("Prefix", (), {})()
+    ids = torch.randint(1, 97, (2, 4))
+    cache = rollout.prefill(model, ids, torch.ones_like(ids), None, rollout.cache_argument(model))
+    prefix = attention.PrefixKV(cache, torch.ones_like(ids), torch.tensor([1, 1]))
     for threshold, expected in ((1, True), (gate + 1, False)):
         monkeypatch.setattr(rollout, "FEW_ROWS_MIN_WEIGHT", threshold)
         step = decoding.DecodeStep(model, prefix, rows=2, room=2)
@@ -95,15 +97,17 @@ def embedded():
     tok = AutoTokenizer.from_pretrained(EMBEDDED_DIR)
     model = AutoModelForCausalLM.from_pretrained(EMBEDDED_DIR, attn_implementation="sdpa").double().eval()
     rows = ProblemStream({"arithmetic": 1.0}, [1, 2, 3], seed=5).take(4)
-    prompts = [render_prompt(tok, r["prompt"]) for r, n in zip(rows, (3, 4, 1, 4)) for _ in range(n)]
-    return model, tok, prompts
+    return model, tok, rows
 
 
 @pytest.mark.parametrize("do_sample", [False, True])
-def test_generate_draws_the_same_tokens_with_it(embedded, do_sample):
-    """The embedded model in float64, groups of 3, 4, 1 and 4, rows finishing at different steps: the same
-    completions and log-probs with the step computed from the weights as through the forward."""
-    model, tok, prompts = embedded
+@pytest.mark.parametrize("groups", [(3, 4, 1, 4), (4, 4, 4, 4)])
+def test_generate_draws_the_same_tokens_with_it(embedded, do_sample, groups):
+    """The embedded model in float64, rows finishing at different steps: the same completions and log-probs
+    with the step computed from the weights as through the forward. Groups of 3, 4, 1 and 4 leave slots of
+    the attention's layout empty from the start; groups of 4 fill it until the first row finishes."""
+    model, tok, rows = embedded
+    prompts = [render_prompt(tok, r["prompt"]) for r, n in zip(rows, groups) for _ in range(n)]
     kw = dict(max_prompt_length=None, max_new_tokens=24, do_sample=do_sample, temperature=1.5, top_k=20,
               with_logps=True)
     assert attention.enable(model)
@@ -112,9 +116,9 @@ def test_generate_draws_the_same_tokens_with_it(embedded, do_sample):
         plain = generate(model, tok, prompts, **kw)
         decoding.enable(model)
         assert decoding.enabled(model)
-        calls = []
+        calls = []  # whether every slot held a live row, at each step
         right = decoding.DecodeStep.step
-        decoding.DecodeStep.step = lambda self, *a: calls.append(1) or right(self, *a)
+        decoding.DecodeStep.step = lambda self, *a: calls.append(self.full) or right(self, *a)
         try:
             torch.manual_seed(3)
             ours = generate(model, tok, prompts, **kw)
@@ -124,6 +128,7 @@ def test_generate_draws_the_same_tokens_with_it(embedded, do_sample):
         decoding.disable(model)
         attention.disable(model)
     assert calls, "the step from the weights did not run"
+    assert calls[0] == (len(set(groups)) == 1) and not calls[-1]
     lengths = plain.attention_mask.sum(1)
     assert lengths.min() < lengths.max(), "want rows that finish at different steps"
     assert torch.equal(ours.completion_ids, plain.completion_ids)
