@@ -172,6 +172,16 @@ class Segments:
         self.query_shapes = [tuple(x.shape) for x in queries]
         self.key_shapes = [tuple(x.shape) for x in keys_of]
         query_index = torch.cat([x.reshape(-1) for x in queries])
+        # the positions whose outputs are used (``tail_attention``): each prompt's last token, which sees its
+        # whole prompt, then the completions' tokens as the buckets hold them; ``keep``: the real ones, in
+        # the order of the outputs
+        tail = [(starts + plens - 1)[:, None]] + queries[1:]
+        self.tail_shapes = [tuple(x.shape) for x in tail]
+        tail_index = torch.cat([x.reshape(-1) for x in tail])
+        tail_real = torch.cat([torch.ones(len(units), dtype=torch.bool)] + [x.reshape(-1) for x in real[1:]])
+        self.tail_index, self.tail_real = tail_index.to(device), tail_real.to(device)
+        self.keep = tail_index[tail_real].to(device)
+        self.prompt_end_mask = self.prompt_valid[:, None, None, :].to(device)             # [U, 1, 1, P]
         # the inverse: flat position -> its row in the concatenated outputs (padding: the zero row after them)
         real = torch.cat([x.reshape(-1) for x in real])
         self.zero_row = len(real)
@@ -210,29 +220,49 @@ def _buckets(completions: list[tuple[int, int, int]], prompt: int) -> list[list[
     return [completions[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
+def _segment_calls(queries: torch.Tensor, query_shapes: list, prompt_mask: Optional[torch.Tensor], k: torch.Tensor,
+                   v: torch.Tensor, segments: Segments, scaling: float, dropout: float) -> torch.Tensor:
+    """The attention calls of ``segments``: the prompts' (``prompt_mask``, or causal where None), then each
+    bucket of completions'; ``queries`` [Q, H, D] gathered for the calls (``query_shapes``), keys and values
+    [R * L, Hkv, D] at every flat position. Returns the calls' outputs [Q, H, D], concatenated."""
+    H, D = queries.shape[1:]
+    n_rep = H // k.shape[1]
+    Q = queries.split([a * b for a, b in query_shapes])
+    K = k.index_select(0, segments.key_index).split([a * b for a, b in segments.key_shapes])
+    V = v.index_select(0, segments.key_index).split([a * b for a, b in segments.key_shapes])
+    masks = [prompt_mask] + [mask for _, _, _, mask in segments.buckets]
+    outs = []
+    for Qi, Ki, Vi, qs, ks, mask in zip(Q, K, V, query_shapes, segments.key_shapes, masks):
+        Qi = Qi.view(*qs, H, D).transpose(1, 2)
+        Ki, Vi = (_repeat_kv(t.view(*ks, -1, D).transpose(1, 2), n_rep) for t in (Ki, Vi))
+        out = torch.nn.functional.scaled_dot_product_attention(Qi, Ki, Vi, attn_mask=mask, dropout_p=dropout,
+                                                               is_causal=mask is None, scale=scaling)
+        outs.append(out.transpose(1, 2).reshape(-1, H, D))
+    return torch.cat(outs)
+
+
 def segment_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, segments: Segments,
                       scaling: float, dropout: float = 0.0) -> torch.Tensor:
     """Attention of packed rows ``query`` [R, H, L, D] over ``key``/``value`` [R, Hkv, L, D] within each
     sequence (``segments``). Returns [R, L, H, D] as transformers' attention functions do."""
     R, H, L, D = query.shape
-    n_rep = H // key.shape[1]
     q = query.transpose(1, 2).reshape(R * L, H, D)
     k = key.transpose(1, 2).reshape(R * L, -1, D)
     v = value.transpose(1, 2).reshape(R * L, -1, D)
-    drop = dropout if module.training else 0.0
-    Q = q.index_select(0, segments.query_index).split([a * b for a, b in segments.query_shapes])
-    K = k.index_select(0, segments.key_index).split([a * b for a, b in segments.key_shapes])
-    V = v.index_select(0, segments.key_index).split([a * b for a, b in segments.key_shapes])
-    masks = [None] + [mask for _, _, _, mask in segments.buckets]  # the prompts: causal
-    outs = []
-    for Qi, Ki, Vi, qs, ks, mask in zip(Q, K, V, segments.query_shapes, segments.key_shapes, masks):
-        Qi = Qi.view(*qs, H, D).transpose(1, 2)
-        Ki, Vi = (_repeat_kv(t.view(*ks, -1, D).transpose(1, 2), n_rep) for t in (Ki, Vi))
-        out = torch.nn.functional.scaled_dot_product_attention(Qi, Ki, Vi, attn_mask=mask, dropout_p=drop,
-                                                               is_causal=mask is None, scale=scaling)
-        outs.append(out.transpose(1, 2).reshape(-1, H, D))
-    outs.append(q.new_zeros(1, H, D))
-    return torch.cat(outs)[segments.inverse].view(R, L, H, D)
+    out = _segment_calls(q.index_select(0, segments.query_index), segments.query_shapes, None, k, v, segments,
+                         scaling, dropout if module.training else 0.0)
+    return torch.cat([out, q.new_zeros(1, H, D)])[segments.inverse].view(R, L, H, D)
+
+
+def tail_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, segments: Segments, scaling: float,
+                   dropout: float = 0.0) -> torch.Tensor:
+    """Attention at the used positions only (``Segments.keep``): ``query`` [Q, H, D] at ``segments.tail_index``
+    (padding slots included), ``key``/``value`` [R * L, Hkv, D] at every flat position. Returns [K, H, D] in
+    the order of ``keep``: a prompt's last token over its prompt, a completion's tokens as in
+    ``segment_attention``."""
+    out = _segment_calls(query, segments.tail_shapes, segments.prompt_end_mask, key, value, segments, scaling,
+                         dropout)
+    return out[segments.tail_real]
 
 
 def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: Optional[float] = None,

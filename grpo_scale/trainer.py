@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from grpo_scale import checkpoint as ckpt
-from grpo_scale import (attention, cpu_memory, decoding, dynamic, engines, lora, packing, portable, preemption,
+from grpo_scale import (attention, cpu_memory, decoding, dynamic, engines, last_layer, lora, packing, portable,
+                        preemption,
                         reward_timeout)
 from grpo_scale.reward_timeout import RewardTimeout
 from grpo_scale.config import ConfigError, GRPOConfig, adapter_base, is_adapter_dir
@@ -323,6 +324,7 @@ class GRPOTrainer:
         self.entropy_control = {"coef": self.cfg.entropy_coef, "last_entropy": None}  # None: not measured yet
         self.step_spec = self.loss_spec
         self.decode_step = False  # decoding steps from the weights (decoding.DecodeStep), set by the check below
+        self.last_layer = False   # the packed forward's last layer at the used positions only (last_layer)
         self.structured_attention = self._structured_attention_fits()
         self.packed_segments = self.structured_attention  # packed rows' attention by index, not a dense mask
         self.padding_free = self.cfg.padding_free and self._packing_fits()
@@ -954,12 +956,27 @@ class GRPOTrainer:
         different lengths (one empty but its end). A model that ignores or refuses a 4D attention mask
         (flash-attention), or whose head does more than the output embedding (logit soft-capping), fails
         it, and padding_free is turned off with a warning. With structured attention the packed rows are
-        checked with ``attention.Segments`` first, and with the dense mask where that differs. Uses no
-        global random state."""
+        checked with ``attention.Segments`` first, and with the dense mask where that differs; with
+        segments, the last layer computes the used positions only (``last_layer``) where the architecture
+        allows it, checked the same way, and at every position where that differs. Uses no global random
+        state."""
         if self.packed_segments:
+            inner = self._unwrap(self.model)
+            self.last_layer = last_layer.enable(inner)
             problem = self._packing_problem()
+            if self.last_layer and not self._on_all_ranks(problem is None):
+                last_layer.disable(inner)
+                self.last_layer = False
+                if self.acc.is_main_process:
+                    logger.warning("last layer: computed at every position of packed rows (%s)",
+                                   problem or "the check failed on another rank")
+                problem = self._packing_problem()
             if self._on_all_ranks(problem is None):
+                if self.last_layer and self.ref_model is not None:
+                    last_layer.enable(self.ref_model)
                 return True
+            last_layer.disable(inner)
+            self.last_layer = False
             self.packed_segments = False
             if self.acc.is_main_process:
                 logger.warning("structured attention: packed rows use a dense mask for this model (%s)",

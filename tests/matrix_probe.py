@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from grpo_scale import rollout
+from grpo_scale import last_layer, rollout
 from grpo_scale.config import load_config
 from grpo_scale.rewards import completion_text
 from grpo_scale.trainer import GRPOTrainer, param_bytes
@@ -151,7 +151,8 @@ def _run_cell(out: Path, name: str, cfg, trainer: GRPOTrainer, seen: list) -> No
         "step_metrics": last["metrics"],
         "loss_impl": trainer.loss_impl, "padding_free": trainer.padding_free,
         "structured_attention": trainer.structured_attention, "packed_segments": trainer.packed_segments,
-        "decode_step": trainer.decode_step,
+        "decode_step": trainer.decode_step, "last_layer": trainer.last_layer,
+        "ref_last_layer": trainer.ref_model is not None and last_layer.enabled(trainer.ref_model),
         "rollout": {k: getattr(rollout, k).cpu() for k in ("prompt_ids", "prompt_mask", "completion_ids",
                                                            "completion_mask", "attention_mask")},
         "ref_logps": None if batch["ref_logps"] is None else batch["ref_logps"].float().cpu(),

@@ -206,6 +206,10 @@ def check_cell(out: Path, row, initial, initial_bf16, world: int = 2, groups_spa
     # decoding steps from the weights (decoding.py) passed their check, gathered under ZeRO-3, in bf16;
     # a LoRA policy decodes through its forward
     assert recs[0]["decode_step"] == (not peft), name
+    # the packed forward's last layer at the used positions only (last_layer.py) passed its check, LoRA
+    # included; the reference model (beta > 0, full fine-tuning) has it too
+    assert recs[0]["last_layer"] == bool(packed), name
+    assert recs[0]["ref_last_layer"] == bool(packed and beta and not peft), name
     assert recs[0]["steps"] == 2 * (1 + iters) and recs[0]["history"], name
     for h in recs[0]["history"]:
         assert torch.isfinite(torch.tensor(h["loss"])), (name, h)
