@@ -42,9 +42,11 @@ def test_the_step_gives_the_forwards_logits_in_float64(kind, extra):
     assert decoding.decoding_problem(model, 97, tol=1e-12) is None
 
 
-@pytest.mark.parametrize("fuse_max", [0, 1 << 30])
-def test_separate_and_fused_products_alike(monkeypatch, fuse_max):
+@pytest.mark.parametrize("fuse_max, elementwise_max", [(0, 0), (1 << 30, 1 << 30)])
+def test_separate_and_fused_products_alike(monkeypatch, fuse_max, elementwise_max):
+    """q/k/v and gate/up fused or separate; a row's own attention by products and sums or batched products."""
     monkeypatch.setattr(decoding, "FUSE_MAX_BYTES", fuse_max)
+    monkeypatch.setattr(decoding, "ELEMENTWISE_MAX", elementwise_max)
     model = small_model("qwen2")
     assert decoding.decoding_problem(model, 97, tol=1e-12) is None
 
