@@ -40,6 +40,8 @@ FUSE_MAX_BYTES = 64 << 20
 # products have at most this many elements (an in-process A/B of the embedded model's generation: ~3%
 # faster than one batched product per row), as a batched product otherwise
 ELEMENTWISE_MAX = 1 << 22
+# the slot layout is rebuilt on the groups with live rows once they fill at most this share of the slots
+COMPACT_AT = 0.75
 
 
 def supported(model) -> Optional[str]:
@@ -132,17 +134,26 @@ class DecodeStep:
         G, W, Hkv, D = prefix.groups, prefix.width, self.kv_heads, self.head_dim
         if prefix.group.numel() != rows:
             raise ValueError(f"DecodeStep: {rows} rows, but the prefix holds {prefix.group.numel()}")
+        self.groups, self.width = G, W
         self.slot = prefix.flat.clone()
+        self.group = prefix.group.clone()            # each row's group
         self.full = prefix.full                      # every slot holds a live row: rows are the slots
-        self.queries = None                          # [G * W, H, D]: the slots' queries, once a slot is empty
-        self.prefix_keys = [k.reshape(G * Hkv, -1, D).transpose(1, 2) for k in prefix.keys]   # [G*Hkv, D, P]
-        self.prefix_values = [v.reshape(G * Hkv, -1, D) for v in prefix.values]              # [G*Hkv, P, D]
-        self.prefix_bias = prefix.bias.expand(G, Hkv, 1, -1).reshape(G * Hkv, 1, -1)       # [G*Hkv, 1, P]
+        self._prefix(prefix.keys, prefix.values, prefix.bias)
         # the completions' keys and values, step-major: a step's reads are contiguous
         shape = (room, G * W, Hkv, D)
         self.keys = [w.new_empty(shape) for _ in self.layers]
         self.values = [w.new_empty(shape) for _ in self.layers]
         self.filled = 0
+
+    def _prefix(self, keys: list, values: list, bias: torch.Tensor) -> None:
+        """The prompts' keys and values [G, Hkv, P, D] per layer and their bias [G, 1, 1, P], laid out for
+        ``_attend``."""
+        G, Hkv, D = self.groups, self.kv_heads, self.head_dim
+        self._prefix_4d = (keys, values, bias)
+        self.prefix_keys = [k.reshape(G * Hkv, -1, D).transpose(1, 2) for k in keys]       # [G*Hkv, D, P]
+        self.prefix_values = [v.reshape(G * Hkv, -1, D) for v in values]                  # [G*Hkv, P, D]
+        self.prefix_bias = bias.expand(G, Hkv, 1, -1).reshape(G * Hkv, 1, -1)            # [G*Hkv, 1, P]
+        self.queries = None                          # [G * W, H, D]: the slots' queries, once a slot is empty
 
     def _parts(self, *linears: torch.nn.Linear) -> list:
         """The (weight, bias, few-row orientation) products whose outputs, concatenated, are the linears'
@@ -176,8 +187,34 @@ class DecodeStep:
         return weight * h.to(x.dtype)
 
     def select(self, live: torch.Tensor) -> None:
-        self.slot = self.slot[live]
-        self.full = self.full and self.slot.numel() == self.keys[0].shape[1]
+        """Keeps the rows ``live`` (in order). Once the groups that still have rows, at the width of the
+        fullest, fill at most ``COMPACT_AT`` of the slots, the layout is rebuilt on them (the filled steps of
+        the live rows' keys and values copied once), so that the last steps of a batch whose rows mostly
+        finished attend over few slots."""
+        self.slot, self.group = self.slot[live], self.group[live]
+        B = self.slot.numel()
+        self.full = self.full and B == self.groups * self.width
+        if B == 0 or self.full:
+            return
+        counts = torch.bincount(self.group, minlength=self.groups)
+        kept = (counts > 0).nonzero().squeeze(1)
+        width = int(counts.max())
+        if kept.numel() * width > COMPACT_AT * self.groups * self.width:
+            return
+        counts = counts[kept]
+        group = (torch.cumsum(counts > 0, 0) - 1)[torch.searchsorted(kept, self.group)]     # new group of each row
+        slot = group * width + torch.arange(B, device=group.device) - (counts.cumsum(0) - counts)[group]
+        S = self.filled
+        for buffers in (self.keys, self.values):
+            for i, old in enumerate(buffers):
+                new = old.new_empty(old.shape[0], kept.numel() * width, *old.shape[2:])
+                new[:S].index_copy_(1, slot, old[:S].index_select(1, self.slot))
+                buffers[i] = new
+        keys, values, bias = self._prefix_4d
+        self.groups, self.width, self.slot, self.group = kept.numel(), width, slot, group
+        self._prefix([k.index_select(0, kept) for k in keys], [v.index_select(0, kept) for v in values],
+                     bias.index_select(0, kept))
+        self.full = B == self.groups * self.width
 
     def _attend(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t: int) -> torch.Tensor:
         """Layer ``i``'s attention at step ``t``: queries ``q`` [B, H, D] (scaled), the step's keys and values
@@ -185,9 +222,8 @@ class DecodeStep:
         [groups x width] layout (a slot whose row has left computes a throw-away row): the scores against
         each group's prompt are one batched product per group and key head over all of its queries, those
         against a row's own completion by products and sums over its slot, and both go through one softmax."""
-        G, W, H, Hkv, D = self.prefix.groups, self.keys[i].shape[1] // self.prefix.groups, self.heads, \
-            self.kv_heads, self.head_dim
-        n_rep, S, GW = H // Hkv, t + 1, self.keys[i].shape[1]
+        G, W, H, Hkv, D = self.groups, self.width, self.heads, self.kv_heads, self.head_dim
+        n_rep, S, GW = H // Hkv, t + 1, G * W
         keys, values = self.keys[i], self.values[i]
         if self.full:
             keys[t].copy_(k)

@@ -107,7 +107,8 @@ def embedded():
 def test_generate_draws_the_same_tokens_with_it(embedded, do_sample, groups):
     """The embedded model in float64, rows finishing at different steps: the same completions and log-probs
     with the step computed from the weights as through the forward. Groups of 3, 4, 1 and 4 leave slots of
-    the attention's layout empty from the start; groups of 4 fill it until the first row finishes."""
+    the attention's layout empty from the start; groups of 4 fill it until the first row finishes; as rows
+    finish, the layout is rebuilt on fewer slots."""
     model, tok, rows = embedded
     prompts = [render_prompt(tok, r["prompt"]) for r, n in zip(rows, groups) for _ in range(n)]
     kw = dict(max_prompt_length=None, max_new_tokens=24, do_sample=do_sample, temperature=1.5, top_k=20,
@@ -118,9 +119,10 @@ def test_generate_draws_the_same_tokens_with_it(embedded, do_sample, groups):
         plain = generate(model, tok, prompts, **kw)
         decoding.enable(model)
         assert decoding.enabled(model)
-        calls = []  # whether every slot held a live row, at each step
+        calls = []  # at each step: whether every slot held a live row, and the number of slots
         right = decoding.DecodeStep.step
-        decoding.DecodeStep.step = lambda self, *a: calls.append(self.full) or right(self, *a)
+        decoding.DecodeStep.step = lambda self, *a: calls.append((self.full, self.groups * self.width)) or \
+            right(self, *a)
         try:
             torch.manual_seed(3)
             ours = generate(model, tok, prompts, **kw)
@@ -130,7 +132,9 @@ def test_generate_draws_the_same_tokens_with_it(embedded, do_sample, groups):
         decoding.disable(model)
         attention.disable(model)
     assert calls, "the step from the weights did not run"
-    assert calls[0] == (len(set(groups)) == 1) and not calls[-1]
+    full, slots = zip(*calls)
+    assert full[0] == (len(set(groups)) == 1)
+    assert min(slots) < slots[0], "the layout was never rebuilt on fewer slots"
     lengths = plain.attention_mask.sum(1)
     assert lengths.min() < lengths.max(), "want rows that finish at different steps"
     assert torch.equal(ours.completion_ids, plain.completion_ids)
