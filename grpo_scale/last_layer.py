@@ -15,6 +15,10 @@ positions only). Any other call runs the layer's own forward. It calls the layer
 adapters, ZeRO-3's parameter hooks and gradient checkpointing apply as in the full forward. The trainer
 checks it at start-up with the packed forward against the padded one (``GRPOTrainer._packing_fits``);
 ``tests/test_last_layer.py`` checks outputs and every gradient against the full layer.
+
+The same holds for the prefill before decoding over a shared prompt (``rollout.prefill`` with
+``keys_values_only``): only the cache is read, so the last layer computes its keys and values alone
+(``keys_values``); checked with the decoding steps (``decoding.decoding_problem``).
 """
 from __future__ import annotations
 
@@ -27,6 +31,8 @@ from grpo_scale import attention
 from grpo_scale.decoding import SUPPORTED
 
 _FLAG = "_grpo_scale_used_positions"
+# the keyword argument of a model's forward that asks the last layer for its cache only (``keys_values``)
+KEYS_VALUES_ONLY = "last_layer_keys_values_only"
 
 
 def _base(model):
@@ -78,6 +84,8 @@ def enabled(model) -> bool:
 
 def _forward(self, hidden_states: torch.Tensor, attention_mask=None, position_ids=None, past_key_values=None,
              use_cache=False, position_embeddings=None, **kwargs):
+    if kwargs.pop(KEYS_VALUES_ONLY, False) and past_key_values is not None:
+        return keys_values(self, hidden_states, position_embeddings, past_key_values)
     segments = kwargs.get("segments")
     if segments is None:
         return type(self).forward(self, hidden_states, attention_mask=attention_mask, position_ids=position_ids,
@@ -115,3 +123,17 @@ def used_positions(layer, hidden: torch.Tensor, position_embeddings, segments: a
     mid = flat.index_select(0, segments.keep) + attn.o_proj(out.reshape(-1, H * D))
     done = mid + layer.mlp(layer.post_attention_layernorm(mid))
     return flat.new_zeros(R * L, E).index_copy(0, segments.keep, done).view(R, L, E)
+
+
+def keys_values(layer, hidden: torch.Tensor, position_embeddings, cache) -> torch.Tensor:
+    """A Llama-template decoder ``layer``'s keys and values of ``hidden`` [B, L, E], stored in ``cache`` as its
+    own forward stores them; returns ``hidden`` unchanged. For a prefill whose outputs are not read (the
+    prompt's last token is decoded after it): the model's logits from such a forward are not its own."""
+    attn = layer.self_attn
+    B, L, _ = hidden.shape
+    Hkv, D = attn.config.num_attention_heads // attn.num_key_value_groups, attn.head_dim
+    x = layer.input_layernorm(hidden)
+    cos, sin = position_embeddings
+    k = _rotate(attn.k_proj(x).view(B, L, Hkv, D), cos.unsqueeze(2), sin.unsqueeze(2))
+    cache.update(k.transpose(1, 2), attn.v_proj(x).view(B, L, Hkv, D).transpose(1, 2), attn.layer_idx)
+    return hidden

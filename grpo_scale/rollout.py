@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from grpo_scale import attention, decoding
+from grpo_scale import attention, decoding, last_layer
 
 logger = logging.getLogger(__name__)
 
@@ -133,12 +133,16 @@ def repeatable_cache(cache) -> bool:
     return all(isinstance(layer, cache_utils.DynamicLayer) and not isinstance(layer, excluded) for layer in layers)
 
 
-def prefill(model, ids: torch.Tensor, mask: torch.Tensor, counts: Optional[torch.Tensor], cache_kw: str):
+def prefill(model, ids: torch.Tensor, mask: torch.Tensor, counts: Optional[torch.Tensor], cache_kw: str,
+            keys_values_only: bool = False):
     """Runs the prompts ``ids``/``mask`` [R, P'] once (``model`` a causal LM or its decoder) and returns
     their KV cache with row r repeated counts[r] times (not repeated: None), or None when the model returns no cache
     (gradient checkpointing in training mode, where transformers turns it off). Raises
-    ``CacheNotRepeatable`` for a cache whose rows cannot be repeated."""
+    ``CacheNotRepeatable`` for a cache whose rows cannot be repeated. ``keys_values_only``: the last layer
+    computes its keys and values alone (``last_layer.keys_values``; a model ``last_layer.enabled``)."""
     extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    if keys_values_only:
+        extra[last_layer.KEYS_VALUES_ONLY] = True
     out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True, **extra)
     cache = getattr(out, cache_kw, None)
     if cache is None:
@@ -393,7 +397,8 @@ def made_up_decoding(model, vocab: int, how: str) -> Optional[list[torch.Tensor]
     left-padded, with 2 and 3 completions, a row dropped after the second step), decoded ``how``: over
     the prompt cache repeated for each row (``"repeated"``), over an ``attention.PrefixKV`` through the
     model's forward (``"prefix"``, a model switched to ``attention.NAME``), or by ``decoding.DecodeStep``
-    over the same prefix (``"weights"``). None when the model returns no cache. The start-up checks
+    over the same prefix (``"weights"``; prefilled as ``generate`` prefills for it, the last layer's keys
+    and values alone where ``last_layer.enabled``). None when the model returns no cache. The start-up checks
     compare two of them (``prefix_decoding_problem``, ``decoding.decoding_problem``)."""
     gen = torch.Generator().manual_seed(0)
     dev = next(model.parameters()).device
@@ -406,7 +411,8 @@ def made_up_decoding(model, vocab: int, how: str) -> Optional[list[torch.Tensor]
     fed = torch.randint(1, vocab, (5, 2), generator=gen).to(dev)
     keep_one = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
     prefix = step = None
-    cache = prefill(model, ids[:, :-1], mask[:, :-1], counts if how == "repeated" else None, cache_kw)
+    cache = prefill(model, ids[:, :-1], mask[:, :-1], counts if how == "repeated" else None, cache_kw,
+                    keys_values_only=how == "weights" and last_layer.enabled(model))
     if cache is None:
         return None
     if how != "repeated":
@@ -595,7 +601,9 @@ def generate(model, tokenizer, prompts: list[str], *, max_prompt_length: Optiona
         cache = prefix = None
         if share_prompt and len(first) < len(chunk) and ids.shape[1] > 1:
             if attention.enabled(model):  # each distinct prompt once, and its keys and values held once
-                held = prefill(model, ids[:, :-1], mask[:, :-1], None, cache_kw)
+                # decoded by DecodeStep (checked with this prefill): the last layer's keys and values alone
+                lean = decoding.enabled(model) and last_layer.enabled(model)
+                held = prefill(model, ids[:, :-1], mask[:, :-1], None, cache_kw, keys_values_only=lean)
                 prefix = attention.PrefixKV(held, mask[:, :-1], counts) if held is not None else None
             else:  # each distinct prompt once, its cache repeated for its completions
                 cache = prefill(model, ids[:, :-1], mask[:, :-1], counts, cache_kw)

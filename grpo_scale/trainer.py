@@ -926,6 +926,7 @@ class GRPOTrainer:
                 why = decoding.supported(plain)
                 if problem is None and why is None:
                     try:
+                        last_layer.enable(plain)  # the decoding steps' prefill: the last layer's cache alone
                         decode_problem = decoding.decoding_problem(plain, vocab)
                     except Exception as e:  # noqa: BLE001 - any failure means: decode through the forward
                         decode_problem = f"it raised {type(e).__name__}: {str(e)[:200]}"

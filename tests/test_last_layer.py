@@ -144,8 +144,13 @@ def test_the_trainer_uses_it_and_turns_off_a_wrong_one(tmp_path, monkeypatch, ca
     trainer = _trainer(tmp_path / "a", "--beta", "0.04")
     trainer.setup()
     assert trainer.last_layer and last_layer.enabled(trainer.acc.unwrap_model(trainer.model))
-    assert last_layer.enabled(trainer.ref_model)
+    assert last_layer.enabled(trainer.ref_model) and trainer.decode_step
+    calls = []
+    right_kv = last_layer.keys_values
+    monkeypatch.setattr(last_layer, "keys_values", lambda *a: calls.append(1) or right_kv(*a))
     trainer.grpo_step(trainer.generate_and_score())
+    assert calls, "the prefill for the decoding steps ran the whole last layer"
+    monkeypatch.setattr(last_layer, "keys_values", right_kv)
 
     right = last_layer.used_positions
     monkeypatch.setattr(last_layer, "used_positions", lambda *a, **k: right(*a, **k) + 0.1)  # (the final norm undoes a scale)
@@ -156,3 +161,27 @@ def test_the_trainer_uses_it_and_turns_off_a_wrong_one(tmp_path, monkeypatch, ca
     assert not last_layer.enabled(trainer.acc.unwrap_model(trainer.model))
     assert any("last layer" in r.getMessage() and "differ" in r.getMessage() for r in caplog.records)
     trainer.grpo_step(trainer.generate_and_score())  # and it trains
+
+
+@pytest.mark.parametrize("kind, extra", [("llama", dict(attention_bias=True)), ("qwen2", {})])
+def test_a_prefill_of_keys_and_values_only(kind, extra):
+    """The prefill for decoding steps: the last layer's keys and values alone give the full forward's cache,
+    and the decoding check passes with it in float64 (and finds a wrong one)."""
+    from grpo_scale import decoding, rollout
+    model = small_model(kind, **extra).eval()
+    ids = torch.randint(1, 53, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    kw = rollout.cache_argument(model)
+    want = rollout.prefill(model, ids, mask, None, kw)
+    assert last_layer.enable(model)
+    got = rollout.prefill(model, ids, mask, None, kw, keys_values_only=True)
+    for a, b in zip(got.layers, want.layers):
+        assert torch.allclose(a.keys, b.keys, atol=1e-12, rtol=0) and torch.allclose(a.values, b.values, atol=1e-12, rtol=0)
+    assert decoding.decoding_problem(model, 53, tol=1e-12) is None
+    right = last_layer.keys_values
+    last_layer.keys_values = lambda layer, h, pe, cache: right(layer, h + 0.1, pe, cache)
+    try:
+        assert "differ" in decoding.decoding_problem(model, 53)
+    finally:
+        last_layer.keys_values = right
