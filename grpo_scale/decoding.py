@@ -182,6 +182,8 @@ class DecodeStep:
     @staticmethod
     def _rms(x: torch.Tensor, weight_eps) -> torch.Tensor:  # transformers' Llama RMSNorm
         weight, eps = weight_eps
+        if x.dtype == weight.dtype == torch.float32:  # the same computation as one operation
+            return torch.nn.functional.rms_norm(x, weight.shape, weight, eps)
         h = x.to(torch.float32)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
         return weight * h.to(x.dtype)

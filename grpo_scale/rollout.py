@@ -549,10 +549,10 @@ def sample(model, ids: torch.Tensor, mask: torch.Tensor, *, cache, cache_kw: str
             seq = seq[live]
             if cache is not None:
                 cache.batch_select_indices(live)
-            if prefix is not None:
-                prefix.select(live)
-            if lean is not None:
+            if lean is not None:  # (its own layout: the prefix's bookkeeping is not read)
                 lean.select(live)
+            elif prefix is not None:
+                prefix.select(live)
         if prefix is None:  # (a prefix step needs no mask)
             attn = torch.cat([attn, attn.new_ones(attn.shape[0], 1)], dim=1)
         pos = pos[:, -1:] + 1
