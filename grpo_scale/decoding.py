@@ -44,26 +44,41 @@ ELEMENTWISE_MAX = 1 << 22
 COMPACT_AT = 0.75
 
 
-def supported(model) -> Optional[str]:
-    """None when ``DecodeStep`` can compute ``model``'s decoding steps (a plain transformers model, not a
-    peft or DeepSpeed wrapper), else why not."""
+def template_problem(model) -> Optional[str]:
+    """None when ``model`` (a plain transformers model) is of a class in ``SUPPORTED`` and uses
+    ``attention.NAME``, else why not. Its layers are checked with ``template_layer``."""
     kind = type(model).__name__
     if kind not in SUPPORTED:
         return f"its class {kind} is not one of {', '.join(sorted(SUPPORTED))}"
     if not attention.enabled(model):
         return f"it does not use {attention.NAME}"
-    layer_cls, attn_cls, mlp_cls, norm_cls = SUPPORTED[kind]
+    return None
+
+
+def template_layer(model, layer) -> bool:
+    """Whether ``layer`` is ``model``'s class's decoder layer with its own attention, MLP and norms (whose
+    forwards DecodeStep and last_layer reproduce)."""
+    layer_cls, attn_cls, mlp_cls, norm_cls = SUPPORTED[type(model).__name__]
+    return (type(layer).__name__, type(layer.self_attn).__name__, type(layer.mlp).__name__,
+            type(layer.input_layernorm).__name__, type(layer.post_attention_layernorm).__name__) == \
+        (layer_cls, attn_cls, mlp_cls, norm_cls, norm_cls)
+
+
+def supported(model) -> Optional[str]:
+    """None when ``DecodeStep`` can compute ``model``'s decoding steps (a plain transformers model, not a
+    peft or DeepSpeed wrapper), else why not."""
+    why = template_problem(model)
+    if why is not None:
+        return why
     decoder = model.model
-    if type(decoder.norm).__name__ != norm_cls or type(model.lm_head) is not torch.nn.Linear:
+    if type(decoder.norm).__name__ != SUPPORTED[type(model).__name__][3] or type(model.lm_head) is not torch.nn.Linear:
         return "its final norm or output layer is not the plain one"
     if getattr(model.config, "pretraining_tp", 1) not in (None, 1):
         return "its config sets pretraining_tp"
     for i, layer in enumerate(decoder.layers):
+        if not template_layer(model, layer):
+            return f"layer {i} is not {SUPPORTED[type(model).__name__][0]} with its own attention, MLP and norms"
         a, m = layer.self_attn, layer.mlp
-        if (type(layer).__name__, type(a).__name__, type(m).__name__) != (layer_cls, attn_cls, mlp_cls) or \
-                type(layer.input_layernorm).__name__ != norm_cls or \
-                type(layer.post_attention_layernorm).__name__ != norm_cls:
-            return f"layer {i} is not {layer_cls} with its own attention, MLP and norms"
         linears = (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj)
         if any(type(p) is not torch.nn.Linear for p in linears):
             return f"layer {i} has projections that are not plain nn.Linear (quantized or adapters)"

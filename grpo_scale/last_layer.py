@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 
 from grpo_scale import attention
-from grpo_scale.decoding import SUPPORTED
+from grpo_scale.decoding import SUPPORTED, template_layer, template_problem
 
 _FLAG = "_grpo_scale_used_positions"
 # the keyword argument of a model's forward that asks the last layer for its cache only (``keys_values``)
@@ -44,17 +44,11 @@ def _base(model):
 def supported(model) -> Optional[str]:
     """None when ``enable`` can give ``model``'s last layer the used-positions forward, else why not."""
     base = _base(model)
-    kind = type(base).__name__
-    if kind not in SUPPORTED:
-        return f"its class {kind} is not one of {', '.join(sorted(SUPPORTED))}"
-    if not attention.enabled(base):
-        return f"it does not use {attention.NAME}"
-    layer_cls, attn_cls, mlp_cls, norm_cls = SUPPORTED[kind]
-    layer = base.model.layers[-1]
-    if (type(layer).__name__, type(layer.self_attn).__name__, type(layer.mlp).__name__,
-            type(layer.input_layernorm).__name__, type(layer.post_attention_layernorm).__name__) != \
-            (layer_cls, attn_cls, mlp_cls, norm_cls, norm_cls):
-        return f"its last layer is not {layer_cls} with its own attention, MLP and norms"
+    why = template_problem(base)
+    if why is not None:
+        return why
+    if not template_layer(base, base.model.layers[-1]):
+        return f"its last layer is not {SUPPORTED[type(base).__name__][0]} with its own attention, MLP and norms"
     return None
 
 
