@@ -394,7 +394,7 @@ def _reserved_layer_class(base):
 @torch.no_grad()
 def made_up_decoding(model, vocab: int, how: str) -> Optional[list[torch.Tensor]]:
     """The float64 logits of three decoding steps of ``model`` on a small made-up batch (two prompts, one
-    left-padded, with 2 and 3 completions, a row dropped after the second step), decoded ``how``: over
+    left-padded, with 2 and 3 completions, one row of each dropped after the second step), decoded ``how``: over
     the prompt cache repeated for each row (``"repeated"``), over an ``attention.PrefixKV`` through the
     model's forward (``"prefix"``, a model switched to ``attention.NAME``), or by ``decoding.DecodeStep``
     over the same prefix (``"weights"``; prefilled as ``generate`` prefills for it, the last layer's keys
@@ -432,8 +432,8 @@ def made_up_decoding(model, vocab: int, how: str) -> Optional[list[torch.Tensor]
             cache = getattr(o, cache_kw)
             logits = o.logits[:, -1]
         out.append(logits.double())
-        if t == 1:  # row 1 finishes
-            live = torch.tensor([0, 2, 3, 4], device=dev)
+        if t == 1:  # rows 1 and 2 finish (DecodeStep then rebuilds its layout on 2 x 2 slots)
+            live = torch.tensor([0, 3, 4], device=dev)
             for holder in (cache, prefix):
                 if holder is not None:
                     (holder.batch_select_indices if holder is cache else holder.select)(live)

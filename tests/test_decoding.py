@@ -169,3 +169,15 @@ def test_a_lora_policy_decodes_through_its_forward(tmp_path, caplog):
         trainer.setup()
     assert trainer.structured_attention and not trainer.decode_step
     assert not any("decoding steps" in r.getMessage() for r in caplog.records)  # not a failure: not its kind
+
+
+def test_the_start_up_batch_rebuilds_the_layout(monkeypatch):
+    """The made-up batch of the start-up check drops rows so that DecodeStep rebuilds its slot layout, with
+    rows of a group missing before and after: the check covers every path of its attention."""
+    model = small_model("llama")
+    seen = []
+    right = decoding.DecodeStep.select
+    monkeypatch.setattr(decoding.DecodeStep, "select",
+                        lambda self, live: (right(self, live), seen.append((self.groups * self.width, self.full))))
+    assert decoding.decoding_problem(model, 97, tol=1e-12) is None
+    assert seen == [(4, False)]
