@@ -32,6 +32,9 @@ from typing import Optional
 import torch
 
 NAME = "grpo_sdpa"
+# a keyword argument of the forward for the last layer alone (``last_layer.keys_values``): the attention
+# calls of the other layers receive it too, and drop it
+KEYS_VALUES_ONLY = "last_layer_keys_values_only"
 
 
 def stand_in_mask(rows: int, queries: int, keys: int, device, dtype=torch.float32) -> torch.Tensor:
@@ -268,7 +271,7 @@ def tail_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
 def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: Optional[float] = None,
               prefix: Optional[PrefixKV] = None, segments: Optional[Segments] = None, **kwargs):
     """The registered implementation: a structured form when its keyword argument is given, else sdpa."""
-    kwargs.pop("last_layer_keys_values_only", None)  # (last_layer.KEYS_VALUES_ONLY: for the last layer only)
+    kwargs.pop(KEYS_VALUES_ONLY, None)
     if prefix is not None or segments is not None:
         _structured_ok(kwargs)
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling

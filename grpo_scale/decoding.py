@@ -44,6 +44,12 @@ ELEMENTWISE_MAX = 1 << 22
 COMPACT_AT = 0.75
 
 
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """transformers' rotary embedding of ``x`` (its ``rotate_half``: element i paired with i + half)."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+
 def template_problem(model) -> Optional[str]:
     """None when ``model`` (a plain transformers model) is of a class in ``SUPPORTED`` and uses
     ``attention.NAME``, else why not. Its layers are checked with ``template_layer``."""
@@ -116,7 +122,6 @@ class DecodeStep:
         self._few_rows_min = FEW_ROWS_MIN_WEIGHT
         cfg = model.config
         decoder = model.model
-        self.prefix = prefix
         self.embed = decoder.embed_tokens
         self.rotary = decoder.rotary_emb
         self.norm = (decoder.norm.weight, decoder.norm.variance_epsilon)
@@ -219,7 +224,7 @@ class DecodeStep:
         if kept.numel() * width > COMPACT_AT * self.groups * self.width:
             return
         counts = counts[kept]
-        group = (torch.cumsum(counts > 0, 0) - 1)[torch.searchsorted(kept, self.group)]     # new group of each row
+        group = torch.searchsorted(kept, self.group)                                          # new group of each row
         slot = group * width + torch.arange(B, device=group.device) - (counts.cumsum(0) - counts)[group]
         S = self.filled
         for buffers in (self.keys, self.values):
@@ -282,12 +287,11 @@ class DecodeStep:
             raise RuntimeError(f"DecodeStep: built for {t} steps, asked for one more")
         h = self.embed(tokens)                                                    # [B, E]
         cos, sin = self.rotary(h[:, None], positions.view(B, 1))                  # [B, 1, D]
-        half = D // 2
         for i, layer in enumerate(self.layers):
             x = self._rms(h, layer["norm1"])
             qkv = self._projs(x, layer["qkv"])
             qk = qkv[:, :(H + Hkv) * D].view(B, H + Hkv, D)
-            qk = qk * cos + torch.cat([-qk[..., half:], qk[..., :half]], dim=-1) * sin   # rotate_half
+            qk = rotate(qk, cos, sin)
             out = self._attend(i, qk[:, :H] * self.scaling, qk[:, H:], qkv[:, (H + Hkv) * D:].view(B, Hkv, D), t)
             h = h + self._proj(out, layer["o"])
             x = self._rms(h, layer["norm2"])

@@ -28,11 +28,11 @@ from typing import Optional
 import torch
 
 from grpo_scale import attention
-from grpo_scale.decoding import SUPPORTED, template_layer, template_problem
+from grpo_scale.decoding import SUPPORTED, rotate, template_layer, template_problem
 
 _FLAG = "_grpo_scale_used_positions"
 # the keyword argument of a model's forward that asks the last layer for its cache only (``keys_values``)
-KEYS_VALUES_ONLY = "last_layer_keys_values_only"
+KEYS_VALUES_ONLY = attention.KEYS_VALUES_ONLY
 
 
 def _base(model):
@@ -88,9 +88,10 @@ def _forward(self, hidden_states: torch.Tensor, attention_mask=None, position_id
     return used_positions(self, hidden_states, position_embeddings, segments, past_key_values)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin   # transformers' rotate_half
+def _heads(attn) -> tuple[int, int, int]:
+    """The attention module's query heads, key/value heads and head size."""
+    H = attn.config.num_attention_heads
+    return H, H // attn.num_key_value_groups, attn.head_dim
 
 
 def used_positions(layer, hidden: torch.Tensor, position_embeddings, segments: attention.Segments,
@@ -99,18 +100,17 @@ def used_positions(layer, hidden: torch.Tensor, position_embeddings, segments: a
     only (keys and values everywhere); zero at the other positions."""
     attn = layer.self_attn
     R, L, E = hidden.shape
-    H, D = attn.config.num_attention_heads, attn.head_dim
-    Hkv = H // attn.num_key_value_groups
+    H, Hkv, D = _heads(attn)
     x = layer.input_layernorm(hidden)
     k = attn.k_proj(x).view(R, L, Hkv, D)
     v = attn.v_proj(x).view(R, L, Hkv, D)
     cos, sin = position_embeddings                                                      # [R, L, D]
-    k = _rotate(k, cos.unsqueeze(2), sin.unsqueeze(2))
+    k = rotate(k, cos.unsqueeze(2), sin.unsqueeze(2))
     if cache is not None:  # as the full forward leaves it (a packed forward starts from an empty cache)
         cache.update(k.transpose(1, 2), v.transpose(1, 2), attn.layer_idx)
     slots = segments.tail_index
     q = attn.q_proj(x.reshape(R * L, E).index_select(0, slots)).view(-1, H, D)
-    q = _rotate(q, cos.reshape(R * L, 1, D)[slots], sin.reshape(R * L, 1, D)[slots])
+    q = rotate(q, cos.reshape(R * L, 1, D)[slots], sin.reshape(R * L, 1, D)[slots])
     out = attention.tail_attention(q, k.view(R * L, Hkv, D), v.view(R * L, Hkv, D), segments, attn.scaling,
                                    attn.attention_dropout if attn.training else 0.0)      # [K, H, D]
     flat = hidden.reshape(R * L, E)
@@ -125,9 +125,9 @@ def keys_values(layer, hidden: torch.Tensor, position_embeddings, cache) -> torc
     prompt's last token is decoded after it): the model's logits from such a forward are not its own."""
     attn = layer.self_attn
     B, L, _ = hidden.shape
-    Hkv, D = attn.config.num_attention_heads // attn.num_key_value_groups, attn.head_dim
+    _, Hkv, D = _heads(attn)
     x = layer.input_layernorm(hidden)
     cos, sin = position_embeddings
-    k = _rotate(attn.k_proj(x).view(B, L, Hkv, D), cos.unsqueeze(2), sin.unsqueeze(2))
+    k = rotate(attn.k_proj(x).view(B, L, Hkv, D), cos.unsqueeze(2), sin.unsqueeze(2))
     cache.update(k.transpose(1, 2), attn.v_proj(x).view(B, L, Hkv, D).transpose(1, 2), attn.layer_idx)
     return hidden

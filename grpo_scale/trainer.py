@@ -26,8 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from grpo_scale import checkpoint as ckpt
 from grpo_scale import (attention, cpu_memory, decoding, dynamic, engines, last_layer, lora, packing, portable,
-                        preemption,
-                        reward_timeout)
+                        preemption, reward_timeout)
 from grpo_scale.reward_timeout import RewardTimeout
 from grpo_scale.config import ConfigError, GRPOConfig, adapter_base, is_adapter_dir
 from grpo_scale.rewards import call_reward, check_reward_columns, compute_rewards, get_reward_funcs

@@ -149,6 +149,20 @@ def test_the_check_finds_a_wrong_attention_and_the_trainer_turns_it_off(monkeypa
     trainer.grpo_step(trainer.generate_and_score())  # and it trains
 
 
+def made_up_sequences(g: torch.Generator, vocab: int = 50):
+    """Left-padded prompts [N, P] in groups of 3, 2 and 4 (lengths 5, 2, 7) and right-padded completions
+    [N, T] of one token (which bring none to a packed row) and of many, with their masks:
+    (ids, prompt_mask, completions, completion_mask)."""
+    prompt_len = [5, 5, 5, 2, 2, 7, 7, 7, 7]
+    lengths = [3, 1, 9, 4, 2, 6, 1, 5, 12]
+    N, P, T = len(lengths), max(prompt_len), max(lengths)
+    prompt_mask = (torch.arange(P)[None] >= P - torch.tensor(prompt_len)[:, None]).long()
+    completion_mask = (torch.arange(T)[None] < torch.tensor(lengths)[:, None]).long()
+    ids = torch.randint(1, vocab, (N, P), generator=g) * prompt_mask
+    comp = torch.randint(1, vocab, (N, T), generator=g) * completion_mask
+    return ids, prompt_mask, comp, completion_mask
+
+
 @pytest.mark.parametrize("share, cost_per_key, n_rep", [(True, 0.0, 1), (True, 0.5, 3), (False, 0.2, 2)])
 def test_segment_attention_equals_the_dense_mask(share, cost_per_key, n_rep):
     """Packed rows (one row, or several padded ones; prompts of several lengths; completions of one token,
@@ -156,13 +170,7 @@ def test_segment_attention_equals_the_dense_mask(share, cost_per_key, n_rep):
     mask at every real position, forward and the gradients of queries, keys and values, in float64."""
     from grpo_scale import packing
     g = torch.Generator().manual_seed(int(cost_per_key * 10) + n_rep)
-    prompt_len = [5, 5, 5, 2, 2, 7, 7, 7, 7]
-    lengths = [3, 1, 9, 4, 2, 6, 1, 5, 12]
-    N, P, T = len(lengths), max(prompt_len), max(lengths)
-    prompt_mask = (torch.arange(P)[None] >= P - torch.tensor(prompt_len)[:, None]).long()
-    completion_mask = (torch.arange(T)[None] < torch.tensor(lengths)[:, None]).long()
-    ids = torch.randint(1, 50, (N, P), generator=g) * prompt_mask
-    comp = torch.randint(1, 50, (N, T), generator=g) * completion_mask
+    ids, prompt_mask, comp, completion_mask = made_up_sequences(g)
     runs = [3, 2, 4] if share else None
     dense = packing.pack(ids, prompt_mask, comp, completion_mask, runs, cost_per_key, torch.float64)
     seg = packing.pack(ids, prompt_mask, comp, completion_mask, runs, cost_per_key, torch.float64, segments=True)

@@ -11,6 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from grpo_scale import attention, last_layer, packing
 from grpo_scale.config import load_config
+from test_attention import made_up_sequences
 
 
 def small_model(kind: str, **extra):
@@ -27,14 +28,7 @@ def small_model(kind: str, **extra):
 
 def packed_batch(seed: int, cost_per_key: float = 0.0):
     """Prompts of several lengths in groups, completions of one token (which bring none) and of many."""
-    g = torch.Generator().manual_seed(seed)
-    prompt_len = [5, 5, 5, 2, 2, 7, 7, 7, 7]
-    lengths = [3, 1, 9, 4, 2, 6, 1, 5, 12]
-    N, P, T = len(lengths), max(prompt_len), max(lengths)
-    prompt_mask = (torch.arange(P)[None] >= P - torch.tensor(prompt_len)[:, None]).long()
-    completion_mask = (torch.arange(T)[None] < torch.tensor(lengths)[:, None]).long()
-    ids = torch.randint(1, 53, (N, P), generator=g) * prompt_mask
-    comp = torch.randint(1, 53, (N, T), generator=g) * completion_mask
+    ids, prompt_mask, comp, completion_mask = made_up_sequences(torch.Generator().manual_seed(seed), vocab=53)
     packed = packing.pack(ids, prompt_mask, comp, completion_mask, [3, 2, 4], cost_per_key, torch.float64,
                           segments=True)
     return packed, completion_mask.bool()
